@@ -1,0 +1,150 @@
+"""The output directory `train` and `compress` write and `compress`/`export` read.
+
+    model.safetensors   weights (and quantizer state: bits, clipping, activation ranges)
+    plan.json           model spec, pruning decisions, per-layer bit widths and scales
+    metrics.json        accuracy, parameters, MACs, bytes, compression
+    provenance.json     command, configuration, versions, seed, machine
+    tokenizer/          text models only
+
+Written into `<dir>.partial` and renamed into place when complete, so an interrupted or failed run never leaves
+something that looks like a finished artifact.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_model as st_load_model
+from safetensors.torch import save_model as st_save_model
+
+from hpqdeploy.errors import UserError
+from hpqdeploy.models import LoadedModel, ModelSpec, rebuild_model
+from hpqdeploy.prune import GroupDecision, apply_pruning
+from hpqdeploy.quantize import attach, quantizable_layers, weight_scales, _QuantMixin
+
+FILES = ("model.safetensors", "plan.json", "metrics.json", "provenance.json")
+
+
+@dataclass
+class Artifact:
+    path: Path
+    model: LoadedModel
+    plan: dict
+    metrics: dict
+    provenance: dict
+
+
+def partial_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".partial")
+
+
+def check_output(out: Path, overwrite: bool = False) -> None:
+    if out.exists() and not overwrite:
+        raise UserError(f"output directory {out} exists; choose another -o or pass --overwrite")
+
+
+def describe_quantization(model: nn.Module) -> dict[str, dict]:
+    layers = {}
+    for name, m in quantizable_layers(model).items():
+        if not isinstance(m, _QuantMixin):
+            continue
+        bits = m.w_bits.tolist()
+        scales = weight_scales(m.weight.detach(), m.w_bits, m.w_clip, m.group_size).squeeze(-1)
+        layers[name] = {
+            "op": type(m).__mro__[2].__name__,
+            "out_channels": m.weight.shape[0],
+            "bits": _runs(bits),
+            "group_size": m.group_size,
+            "act_bits": int(m.act_bits) or None,
+            "act_range": [float(v) for v in m.act_range] if int(m.act_bits) else None,
+            "clip": [round(float(c), 3) for c in m.w_clip],
+            "scales": [[float(s) for s in row] for row in scales] if m.group_size else [float(s) for s in scales[:, 0]],
+        }
+    return layers
+
+
+def _runs(bits: list[int]) -> list[dict]:
+    """Bit widths per channel group: {"bits": b, "channels": [...]} for each width present."""
+    out = {}
+    for i, b in enumerate(bits):
+        out.setdefault(b, []).append(i)
+    return [{"bits": b, "channels": ch} for b, ch in sorted(out.items(), reverse=True)]
+
+
+def bits_from_runs(runs: list[dict], out_channels: int) -> torch.Tensor:
+    bits = torch.zeros(out_channels, dtype=torch.int8)
+    for r in runs:
+        bits[r["channels"]] = r["bits"]
+    return bits
+
+
+def environment() -> dict:
+    import importlib.metadata as md
+
+    versions = {}
+    for pkg in ("torch", "torchvision", "torch-pruning", "transformers", "numpy", "hpqdeploy"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return {"python": sys.version.split()[0], "platform": platform.platform(), "machine": platform.machine(),
+            "versions": versions, "threads": torch.get_num_threads()}
+
+
+def save(out: Path, loaded: LoadedModel, plan: dict, metrics: dict, provenance: dict, work: Path | None = None) -> Path:
+    """Write everything into the work directory (default `<out>.partial`), then rename it to `out`."""
+    work = work or partial_dir(out)
+    work.mkdir(parents=True, exist_ok=True)
+    st_save_model(loaded.module, str(work / "model.safetensors"))
+    if loaded.tokenizer is not None:
+        loaded.tokenizer.save_pretrained(str(work / "tokenizer"))
+    for name, blob in (("plan.json", plan), ("metrics.json", metrics), ("provenance.json", provenance)):
+        (work / name).write_text(json.dumps(blob, indent=2) + "\n")
+    for leftover in work.glob("*.ckpt"):
+        leftover.unlink()
+    if out.exists():
+        shutil.rmtree(out)
+    work.replace(out)
+    return out
+
+
+def load(path: Path) -> Artifact:
+    """Rebuild the architecture from the plan, prune and quantize it as recorded, and load the weights."""
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"{path} is not a directory written by `hpqdeploy train` or `compress`")
+    missing = [f for f in FILES if not (path / f).exists()]
+    if missing:
+        raise UserError(f"{path} is incomplete or not an hpqdeploy artifact: missing {', '.join(missing)}")
+    try:
+        plan = json.loads((path / "plan.json").read_text())
+        metrics = json.loads((path / "metrics.json").read_text())
+        provenance = json.loads((path / "provenance.json").read_text())
+        spec = ModelSpec.from_json(plan["model"])
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise UserError(f"{path}: corrupt plan/metrics/provenance JSON ({exc})") from None
+    if (path / "tokenizer").is_dir():
+        spec.args["tokenizer_dir"] = str(path / "tokenizer")
+    loaded = rebuild_model(spec)
+    try:
+        apply_pruning(loaded.module, loaded.example_inputs,
+                      [GroupDecision.from_json(d) for d in plan.get("pruning", [])])
+        layers = quantizable_layers(loaded.module)
+        for name, q in plan.get("quantization", {}).items():
+            attach(layers[name], bits_from_runs(q["bits"], q["out_channels"]), q["act_bits"], q["group_size"])
+        st_load_model(loaded.module, str(path / "model.safetensors"), strict=True)
+    except (ValueError, KeyError, RuntimeError, OSError) as exc:
+        raise UserError(f"{path}: weights do not match the plan ({str(exc).splitlines()[0][:200]})") from None
+    loaded.module.eval()
+    loaded.spec.args.pop("tokenizer_dir", None)
+    return Artifact(path, loaded, plan, metrics, provenance)
+
+

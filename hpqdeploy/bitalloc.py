@@ -1,0 +1,117 @@
+"""Adaptive bit allocation: which output channels (neurons, filters, embedding rows) get the low bit width.
+
+A layer's measured sensitivity (loss increase when it alone is quantized to the low bit width) is spread over its
+channels in proportion to each channel's extra error at low bits, weighted by the empirical Fisher (criterion
+`taylor`) or unweighted (`magnitude`). Channels are taken cheapest-first per weight, in blocks of the target's
+channel multiple (so an 8-bit and a 4-bit part of a layer stay aligned), until the low-bit share of all quantized
+weights reaches the budget. Layers whose op the target cannot run at the low bit width stay high.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from hpqdeploy.errors import UserError
+from hpqdeploy.importance import loss_increase, mean_loss, squared_gradients
+from hpqdeploy.quantize import op_kind, quantizable_layers, quantize_weight, search_clip
+from hpqdeploy.targets import Target
+
+
+@dataclass
+class LayerBits:
+    bits: torch.Tensor  # int per output channel
+    group_size: int | None
+    act_bits: int | None
+    sensitivity: float | None  # loss increase with the whole layer at the low bit width
+
+
+def _layer_precisions(kind: str, target: Target, requested: tuple[int, ...]) -> tuple[int, ...]:
+    allowed = tuple(b for b in requested if b in target.support(kind).weight_bits)
+    if not allowed:
+        raise UserError(f"no requested bit width {list(requested)} is executed by {target.name} for {kind} layers "
+                        f"(it runs {list(target.support(kind).weight_bits)}); add one of those to --bits")
+    return allowed
+
+
+def plan_bits(model: nn.Module, calib: list, target: Target, bits: tuple[int, ...], low_share: float,
+              criterion: str, act_bits: int | None = 8) -> dict[str, LayerBits]:
+    if not bits or any(b not in (2, 3, 4, 5, 6, 7, 8) for b in bits):
+        raise UserError(f"--bits must be weight bit widths between 2 and 8, got {list(bits)}")
+    if not 0.0 <= low_share <= 1.0:
+        raise UserError(f"--low-bit-share must be within [0, 1], got {low_share}")
+    high, low = max(bits), min(bits)
+    layers = quantizable_layers(model)
+    precisions = {n: _layer_precisions(op_kind(m), target, bits) for n, m in layers.items()}
+    plan = {}
+    for n, m in layers.items():
+        kind = op_kind(m)
+        layer_high = max(precisions[n])
+        support = target.support(kind)
+        act = act_bits if (act_bits and act_bits in support.activation_bits) else None
+        plan[n] = LayerBits(torch.full((m.weight.shape[0],), layer_high, dtype=torch.int8),
+                            support.group_size_for(layer_high), act, None)
+    eligible = {n: m for n, m in layers.items()
+                if low in precisions[n] and low < high and _fits_groups(m, target.support(op_kind(m)).group_size_for(low))}
+    if not eligible or low_share == 0:
+        return plan
+    fisher = squared_gradients(model, calib, eligible.values()) if criterion == "taylor" \
+        else {m: torch.ones_like(m.weight) for m in eligible.values()}
+    base = mean_loss(model, calib)
+    chunks = []  # (cost per weight, layer name, channel indices, weight count)
+    for n, m in eligible.items():
+        group = target.support(op_kind(m)).group_size_for(low)
+        w = m.weight.detach()
+        out = w.shape[0]
+        lows = torch.full((out,), low)
+        low_w = quantize_weight(w, lows, search_clip(w, lows, group), group)
+        plan[n].sensitivity = max(loss_increase(model, calib, base, _swap_weight(m, low_w)), 0.0)
+        highs = torch.full((out,), high)
+        high_w = quantize_weight(w, highs, torch.ones(out), plan[n].group_size)
+        f = fisher[m]
+        extra = (((low_w - w) ** 2 - (high_w - w) ** 2) * f).reshape(out, -1).sum(1).clamp(min=0)
+        row_cost = plan[n].sensitivity * extra / extra.sum().clamp(min=1e-20)
+        order = torch.argsort(row_cost)
+        per_row = w[0].numel()
+        block = max(1, target.channel_multiple)
+        for start in range(0, out - out % block if out >= block else out, block):
+            idx = order[start : start + block]
+            chunks.append((float(row_cost[idx].sum()) / (len(idx) * per_row), n, idx, len(idx) * per_row))
+    total = sum(m.weight.numel() for m in layers.values())
+    budget = low_share * total
+    chosen = 0
+    for cost, n, idx, count in sorted(chunks, key=lambda c: c[0]):
+        if chosen >= budget:
+            break
+        plan[n].bits[idx] = low
+        chosen += count
+    for n in eligible:
+        if (plan[n].bits == low).any():
+            plan[n].group_size = target.support(op_kind(layers[n])).group_size_for(low) or plan[n].group_size
+    return plan
+
+
+def _fits_groups(m: nn.Module, group: int | None) -> bool:
+    return group is None or (m.weight[0].numel() % group == 0)
+
+
+def _swap_weight(module: nn.Module, new: torch.Tensor):
+    def change():
+        old = module.weight.data
+        module.weight.data = new
+
+        def undo():
+            module.weight.data = old
+
+        return undo
+
+    return change
+
+
+def low_bit_share(plan: dict[str, LayerBits], model: nn.Module) -> float:
+    layers = quantizable_layers(model)
+    low = min(int(lb.bits.min()) for lb in plan.values())
+    num = sum(int((lb.bits == low).sum()) * layers[n].weight[0].numel() for n, lb in plan.items())
+    return num / max(sum(m.weight.numel() for m in layers.values()), 1)

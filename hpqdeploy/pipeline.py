@@ -1,0 +1,168 @@
+"""The plan's steps as library calls: `train` a baseline, `compress` it (hybrid, prune-only or quant-only)."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from hpqdeploy import artifact
+from hpqdeploy.bitalloc import low_bit_share, plan_bits
+from hpqdeploy.data import DataRequest, Splits, load_data
+from hpqdeploy.errors import UserError
+from hpqdeploy.finetune import TrainConfig, evaluate, finetune, loader
+from hpqdeploy.importance import CRITERIA
+from hpqdeploy.metrics import count_macs, count_params, weight_bytes
+from hpqdeploy.models import LoadedModel, load_model
+from hpqdeploy.prune import apply_pruning, plan_pruning
+from hpqdeploy.quantize import attach, calibrate, quantizable_layers, search_clip
+from hpqdeploy.targets import load_target
+
+METHODS = ("hybrid", "prune", "quant")
+
+
+@dataclass
+class DataOptions:
+    name: str
+    data_dir: str | None = None
+    calib_size: int = 512
+    train_limit: int | None = None
+    eval_limit: int | None = None
+
+    def request(self, seed: int) -> DataRequest:
+        return DataRequest(Path(self.data_dir) if self.data_dir else None, seed, self.calib_size,
+                           self.train_limit, self.eval_limit)
+
+
+@dataclass
+class CompressOptions:
+    method: str = "hybrid"
+    prune_ratio: float = 0.3
+    bits: tuple[int, ...] = (8, 4)
+    low_bit_share: float = 0.5
+    act_bits: int | None = 8
+    importance: str = "taylor"
+    target: str | None = None
+    calib_batches: int = 8
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise UserError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if not 0.0 < self.prune_ratio < 1.0:
+            raise UserError(f"--prune-ratio must be in (0, 1), got {self.prune_ratio}")
+        if self.importance not in CRITERIA:
+            raise UserError(f"unknown importance criterion {self.importance!r}; choose one of {', '.join(CRITERIA)}")
+        if self.train.epochs < 0 or self.train.lr <= 0 or self.train.batch_size <= 0:
+            raise UserError("--epochs must be >= 0, --lr and --batch-size > 0")
+
+
+def _data_loaders(loaded: LoadedModel, splits: Splits, cfg: TrainConfig, calib_batches: int):
+    train = loader(splits.train, loaded.collate, cfg.batch_size, shuffle=True, seed=cfg.seed)
+    evaluation = loader(splits.eval, loaded.collate, 128 if loaded.modality == "image" else 64, shuffle=False)
+    calib = list(loader(splits.calib, loaded.collate, cfg.batch_size, shuffle=False))[:calib_batches]
+    return train, evaluation, calib
+
+
+def _describe(loaded: LoadedModel, accuracy: dict, example_inputs) -> dict:
+    return {"accuracy": accuracy["accuracy"], "eval_loss": accuracy["loss"], "eval_examples": accuracy["examples"],
+            "params": count_params(loaded.module), "macs": None, "bytes": weight_bytes(loaded.module)}
+
+
+def run_train(model_name: str, data: DataOptions, out: Path, cfg: TrainConfig, weights: Path | None = None,
+              max_length: int = 64, quiet: bool = False, resume: bool = False, command: str = "") -> dict:
+    """Step 1 of the plan: a baseline, trained or fine-tuned, with its accuracy and size recorded."""
+    artifact.check_output(out)
+    splits = load_data(data.name, data.request(cfg.seed))
+    info = splits.info
+    loaded = load_model(model_name, num_classes=info.num_classes, input_shape=info.input_shape, weights=weights,
+                        max_length=max_length)
+    torch.manual_seed(cfg.seed)
+    train, evaluation, _ = _data_loaders(loaded, splits, cfg, 0)
+    work = artifact.partial_dir(out)
+    work.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    history = finetune(loaded.module, train, cfg, work / "train.ckpt", resume=resume, quiet=quiet)
+    acc = evaluate(loaded.module, evaluation, quiet=quiet)
+    fp32 = weight_bytes(loaded.module)["total"]
+    metrics = {"method": "baseline", **_describe(loaded, acc, loaded.example_inputs),
+               "macs": count_macs(loaded.module, loaded.example_inputs), "fp32_bytes": fp32, "compression": 1.0,
+               "train_seconds": round(time.time() - start, 1), "history": history}
+    plan = {"model": loaded.spec.to_json(), "method": "baseline", "data": asdict(data), "pruning": [],
+            "quantization": {}, "target": None}
+    provenance = {"command": command, "config": {"train": asdict(cfg), "data": asdict(data), "model": model_name,
+                                                 "weights": str(weights) if weights else None},
+                  "seed": cfg.seed, **artifact.environment()}
+    artifact.save(out, loaded, plan, metrics, provenance, work)
+    return metrics
+
+
+def run_compress(baseline_dir: Path, out: Path, opts: CompressOptions, data: DataOptions | None = None,
+                 quiet: bool = False, resume: bool = False, command: str = "") -> dict:
+    """Prune and/or quantize a baseline, fine-tune once, evaluate, and write the artifact."""
+    opts.validate()
+    artifact.check_output(out)
+    target = load_target(opts.target)
+    base = artifact.load(baseline_dir)
+    if base.plan.get("method") != "baseline":
+        raise UserError(f"{baseline_dir} is a {base.plan.get('method')} artifact; compress a `hpqdeploy train` output")
+    data = data or DataOptions(**base.plan["data"])
+    cfg = opts.train
+    torch.manual_seed(cfg.seed)
+    splits = load_data(data.name, data.request(cfg.seed))
+    loaded = base.model
+    model = loaded.module
+    train, evaluation, calib = _data_loaders(loaded, splits, cfg, opts.calib_batches)
+    work = artifact.partial_dir(out)
+    if work.exists() and not resume:
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    pruning, quant_plan = [], {}
+    try:
+        if opts.method in ("hybrid", "prune"):
+            pruning = plan_pruning(model, loaded.example_inputs, calib, opts.prune_ratio, target.channel_multiple,
+                                   opts.importance)
+            apply_pruning(model, loaded.example_inputs, pruning)
+        macs = count_macs(model, loaded.example_inputs)
+        if opts.method in ("hybrid", "quant"):
+            quant_plan = plan_bits(model, calib, target, tuple(opts.bits), opts.low_bit_share, opts.importance,
+                                   opts.act_bits)
+            layers = quantizable_layers(model)
+            for name, lb in quant_plan.items():
+                m = attach(layers[name], lb.bits, lb.act_bits, lb.group_size)
+                m.w_clip.copy_(search_clip(m.weight.detach(), m.w_bits, m.group_size))
+            calibrate(model, calib)
+        analysis_seconds = time.time() - start
+        history = finetune(model, train, cfg, work / "compress.ckpt", resume=resume, quiet=quiet)
+    except UserError:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    acc = evaluate(model, evaluation, quiet=quiet)
+    size = weight_bytes(model)
+    fp32 = base.metrics["fp32_bytes"]
+    metrics = {
+        "method": opts.method, **_describe(loaded, acc, loaded.example_inputs), "macs": macs,
+        "fp32_bytes": fp32, "compression": round(fp32 / size["total"], 3),
+        "baseline": {k: base.metrics[k] for k in ("accuracy", "params", "macs", "fp32_bytes")},
+        "params_ratio": round(count_params(model) / base.metrics["params"], 4),
+        "macs_ratio": round(macs / base.metrics["macs"], 4),
+        "bytes_ratio": round(size["total"] / fp32, 4),
+        "accuracy_drop": round(base.metrics["accuracy"] - acc["accuracy"], 4),
+        "low_bit_share": round(low_bit_share(quant_plan, model), 4) if quant_plan else 0.0,
+        "analysis_seconds": round(analysis_seconds, 1), "finetune_seconds": round(time.time() - start - analysis_seconds, 1),
+        "history": history,
+    }
+    plan = {"model": loaded.spec.to_json(), "method": opts.method, "data": asdict(data),
+            "target": target.name, "channel_multiple": target.channel_multiple,
+            "pruning": [d.to_json() for d in pruning],
+            "quantization": artifact.describe_quantization(model),
+            "layer_sensitivity": {n: lb.sensitivity for n, lb in quant_plan.items()}}
+    provenance = {"command": command, "baseline": str(baseline_dir),
+                  "config": {**asdict(opts), "data": asdict(data)}, "seed": cfg.seed, **artifact.environment()}
+    artifact.save(out, loaded, plan, metrics, provenance, work)
+    return metrics

@@ -1,0 +1,172 @@
+"""Fake quantization with the numerics every runtime shares.
+
+Weights: symmetric, zero point 0, one scale per output channel (or per group of `group_size` inputs within it),
+narrow range [-(2^(b-1)-1), 2^(b-1)-1], a bit width per output channel, and a per-channel clipping ratio found by
+minimising the squared error. Activations: one affine 8-bit range per tensor at the input of each quantized layer,
+calibrated (running mean of batch min/max) and tracked during fine-tuning. Gradients pass the rounding straight
+through (STE). Modules keep their class hierarchy (`QConv2d` is an `nn.Conv2d`), so parameter names do not change.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+QUANTIZABLE = (nn.Conv2d, nn.Linear, nn.Embedding)
+CLIP_GRID = torch.linspace(0.5, 1.0, 11)
+
+
+def qmax(bits: torch.Tensor) -> torch.Tensor:
+    return (2 ** (bits.float() - 1) - 1).clamp(min=1)
+
+
+def weight_scales(w: torch.Tensor, bits: torch.Tensor, clip: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """Scales of shape (out, n_groups, 1) for `w` viewed as (out, n_groups, group)."""
+    wg = _grouped(w, group_size)
+    amax = wg.abs().amax(dim=2, keepdim=True).clamp(min=1e-12)
+    return amax * clip.view(-1, 1, 1) / qmax(bits).view(-1, 1, 1)
+
+
+def _grouped(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    flat = w.reshape(w.shape[0], -1)
+    g = group_size or flat.shape[1]
+    return flat.view(flat.shape[0], flat.shape[1] // g, g)
+
+
+def quantize_weight(w: torch.Tensor, bits: torch.Tensor, clip: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """The dequantized weight the runtime will see (no gradient trick)."""
+    s = weight_scales(w, bits, clip, group_size)
+    q = qmax(bits).view(-1, 1, 1)
+    wg = _grouped(w, group_size)
+    return (torch.clamp(torch.round(wg / s), -q, q) * s).view_as(w)
+
+
+def fake_quant_weight(w: torch.Tensor, bits: torch.Tensor, clip: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    return w + (quantize_weight(w, bits, clip.detach(), group_size) - w).detach()
+
+
+@torch.no_grad()
+def search_clip(w: torch.Tensor, bits: torch.Tensor, group_size: int | None, importance: torch.Tensor | None = None
+                ) -> torch.Tensor:
+    """Per output channel, the clipping ratio in CLIP_GRID with the least (importance-weighted) squared error."""
+    best_err = torch.full((w.shape[0],), float("inf"))
+    best = torch.ones(w.shape[0])
+    weight = importance if importance is not None else torch.ones_like(w)
+    for ratio in CLIP_GRID:
+        clip = torch.full((w.shape[0],), float(ratio))
+        err = ((quantize_weight(w, bits, clip, group_size) - w) ** 2 * weight).reshape(w.shape[0], -1).sum(1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, clip, best)
+    return best
+
+
+def fake_quant_activation(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
+    lo, hi = torch.minimum(lo, torch.zeros_like(lo)), torch.maximum(hi, torch.zeros_like(hi))
+    levels = 2**bits - 1
+    scale = float(((hi - lo) / levels).clamp(min=1e-8))
+    zero_point = int(torch.clamp(torch.round(-lo / scale), 0, levels))
+    return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, levels)
+
+
+class _QuantMixin:
+    """Adds quantization state to a Conv2d/Linear/Embedding in place (its class is swapped, its tensors kept)."""
+
+    observing: bool = False
+    momentum: float = 0.01
+
+    def _init_quant(self, bits: torch.Tensor, act_bits: int | None, group_size: int | None) -> None:
+        out = self.weight.shape[0]
+        self.register_buffer("w_bits", bits.to(torch.int8).clone())
+        self.register_buffer("w_clip", torch.ones(out))
+        self.register_buffer("act_range", torch.tensor([float("inf"), float("-inf")]))
+        self.register_buffer("act_bits", torch.tensor(act_bits or 0, dtype=torch.int8))
+        self.register_buffer("w_group", torch.tensor(group_size or 0, dtype=torch.int32))
+        self._observed = 0
+
+    @property
+    def group_size(self) -> int | None:
+        return int(self.w_group) or None
+
+    def qweight(self) -> torch.Tensor:
+        return fake_quant_weight(self.weight, self.w_bits, self.w_clip, self.group_size)
+
+    def qinput(self, x: torch.Tensor) -> torch.Tensor:
+        if int(self.act_bits) == 0:
+            return x
+        if self.observing or self.training:
+            with torch.no_grad():
+                lo, hi = x.min().float(), x.max().float()
+                if self.observing:  # calibration: running mean of batch extremes
+                    n = self._observed
+                    cur = self.act_range if n else torch.stack([lo, hi])
+                    self.act_range.copy_((cur * n + torch.stack([lo, hi])) / (n + 1))
+                    self._observed = n + 1
+                else:
+                    self.act_range.lerp_(torch.stack([lo, hi]), self.momentum)
+        return fake_quant_activation(x, self.act_range[0], self.act_range[1], int(self.act_bits))
+
+
+class QConv2d(_QuantMixin, nn.Conv2d):
+    def forward(self, x):
+        return self._conv_forward(self.qinput(x), self.qweight(), self.bias)
+
+
+class QLinear(_QuantMixin, nn.Linear):
+    def forward(self, x):
+        return F.linear(self.qinput(x), self.qweight(), self.bias)
+
+
+class QEmbedding(_QuantMixin, nn.Embedding):
+    def forward(self, x):
+        return F.embedding(x, self.qweight(), self.padding_idx, self.max_norm, self.norm_type,
+                           self.scale_grad_by_freq, self.sparse)
+
+
+_QCLASS = {nn.Conv2d: QConv2d, nn.Linear: QLinear, nn.Embedding: QEmbedding}
+
+
+def op_kind(module: nn.Module) -> str:
+    """The op kinds `targets/*.toml` speak of."""
+    if isinstance(module, nn.Conv2d):
+        return "depthwise_conv" if module.groups > 1 and module.groups == module.in_channels else "conv"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    return "linear"
+
+
+def quantizable_layers(model: nn.Module) -> dict[str, nn.Module]:
+    return {n: m for n, m in model.named_modules() if type(m) in _QCLASS or isinstance(m, _QuantMixin)}
+
+
+def attach(module: nn.Module, bits: torch.Tensor, act_bits: int | None, group_size: int | None) -> nn.Module:
+    """Turn a float layer into its fake-quant twin in place."""
+    if not isinstance(module, _QuantMixin):
+        module.__class__ = _QCLASS[type(module)]
+        act = None if isinstance(module, nn.Embedding) else act_bits
+        module._init_quant(bits, act, group_size)
+    else:
+        module.w_bits.copy_(bits)
+    return module
+
+
+def set_observing(model: nn.Module, on: bool) -> None:
+    for m in model.modules():
+        if isinstance(m, _QuantMixin):
+            m.observing = on
+            if on:
+                m._observed = 0
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: list) -> None:
+    from hpqdeploy.importance import forward
+
+    was_training = model.training
+    model.eval()
+    set_observing(model, True)
+    for inputs, _ in batches:
+        forward(model, inputs)
+    set_observing(model, False)
+    model.train(was_training)
