@@ -108,7 +108,7 @@ def save(out: Path, loaded: LoadedModel, plan: dict, metrics: dict, provenance: 
         loaded.tokenizer.save_pretrained(str(work / "tokenizer"))
     for name, blob in (("plan.json", plan), ("metrics.json", metrics), ("provenance.json", provenance)):
         (work / name).write_text(json.dumps(blob, indent=2) + "\n")
-    for leftover in work.glob("*.ckpt"):
+    for leftover in (*work.glob("*.ckpt"), *work.glob("analysis.pt")):
         leftover.unlink()
     if out.exists():
         shutil.rmtree(out)

@@ -11,14 +11,14 @@ from pathlib import Path
 import torch
 
 from hpqdeploy import artifact
-from hpqdeploy.bitalloc import low_bit_share, plan_bits
+from hpqdeploy.bitalloc import LayerBits, low_bit_share, plan_bits
 from hpqdeploy.data import DataRequest, Splits, load_data
 from hpqdeploy.errors import UserError
 from hpqdeploy.finetune import TrainConfig, evaluate, finetune, loader
 from hpqdeploy.importance import CRITERIA
 from hpqdeploy.metrics import count_macs, count_params, weight_bytes
 from hpqdeploy.models import LoadedModel, load_model
-from hpqdeploy.prune import apply_pruning, plan_pruning
+from hpqdeploy.prune import GroupDecision, apply_pruning, plan_pruning
 from hpqdeploy.quantize import attach, calibrate, quantizable_layers, search_clip
 from hpqdeploy.targets import load_target
 
@@ -68,7 +68,7 @@ def _data_loaders(loaded: LoadedModel, splits: Splits, cfg: TrainConfig, calib_b
     return train, evaluation, calib
 
 
-def _describe(loaded: LoadedModel, accuracy: dict, example_inputs) -> dict:
+def _describe(loaded: LoadedModel, accuracy: dict) -> dict:
     return {"accuracy": accuracy["accuracy"], "eval_loss": accuracy["loss"], "eval_examples": accuracy["examples"],
             "params": count_params(loaded.module), "macs": None, "bytes": weight_bytes(loaded.module)}
 
@@ -89,7 +89,7 @@ def run_train(model_name: str, data: DataOptions, out: Path, cfg: TrainConfig, w
     history = finetune(loaded.module, train, cfg, work / "train.ckpt", resume=resume, quiet=quiet)
     acc = evaluate(loaded.module, evaluation, quiet=quiet)
     fp32 = weight_bytes(loaded.module)["total"]
-    metrics = {"method": "baseline", **_describe(loaded, acc, loaded.example_inputs),
+    metrics = {"method": "baseline", **_describe(loaded, acc),
                "macs": count_macs(loaded.module, loaded.example_inputs), "fp32_bytes": fp32, "compression": 1.0,
                "train_seconds": round(time.time() - start, 1), "history": history}
     plan = {"model": loaded.spec.to_json(), "method": "baseline", "data": asdict(data), "pruning": [],
@@ -124,18 +124,28 @@ def run_compress(baseline_dir: Path, out: Path, opts: CompressOptions, data: Dat
     start = time.time()
     pruning, quant_plan = [], {}
     try:
-        if opts.method in ("hybrid", "prune"):
-            pruning = plan_pruning(model, loaded.example_inputs, calib, opts.prune_ratio, target.channel_multiple,
-                                   opts.importance)
-            apply_pruning(model, loaded.example_inputs, pruning)
+        analysis = work / "analysis.pt"
+        if resume and analysis.exists():  # reuse the decisions the interrupted run made, then its checkpoint
+            saved = torch.load(analysis, weights_only=True)
+            pruning = [GroupDecision.from_json(d) for d in saved["pruning"]]
+            quant_plan = {n: LayerBits(**lb) for n, lb in saved["quant"].items()}
+        else:
+            if opts.method in ("hybrid", "prune"):
+                pruning = plan_pruning(model, loaded.example_inputs, calib, opts.prune_ratio,
+                                       target.channel_multiple, opts.importance)
+            pruned = apply_pruning(copy.deepcopy(model), loaded.example_inputs, pruning)
+            if opts.method in ("hybrid", "quant"):
+                quant_plan = plan_bits(pruned, calib, target, tuple(opts.bits), opts.low_bit_share,
+                                       opts.importance, opts.act_bits)
+            torch.save({"pruning": [d.to_json() for d in pruning],
+                        "quant": {n: asdict(lb) for n, lb in quant_plan.items()}}, analysis)
+        apply_pruning(model, loaded.example_inputs, pruning)
         macs = count_macs(model, loaded.example_inputs)
-        if opts.method in ("hybrid", "quant"):
-            quant_plan = plan_bits(model, calib, target, tuple(opts.bits), opts.low_bit_share, opts.importance,
-                                   opts.act_bits)
-            layers = quantizable_layers(model)
-            for name, lb in quant_plan.items():
-                m = attach(layers[name], lb.bits, lb.act_bits, lb.group_size)
-                m.w_clip.copy_(search_clip(m.weight.detach(), m.w_bits, m.group_size))
+        layers = quantizable_layers(model)
+        for name, lb in quant_plan.items():
+            m = attach(layers[name], lb.bits, lb.act_bits, lb.group_size)
+            m.w_clip.copy_(search_clip(m.weight.detach(), m.w_bits, m.group_size))
+        if quant_plan:
             calibrate(model, calib)
         analysis_seconds = time.time() - start
         history = finetune(model, train, cfg, work / "compress.ckpt", resume=resume, quiet=quiet)
@@ -146,7 +156,7 @@ def run_compress(baseline_dir: Path, out: Path, opts: CompressOptions, data: Dat
     size = weight_bytes(model)
     fp32 = base.metrics["fp32_bytes"]
     metrics = {
-        "method": opts.method, **_describe(loaded, acc, loaded.example_inputs), "macs": macs,
+        "method": opts.method, **_describe(loaded, acc), "macs": macs,
         "fp32_bytes": fp32, "compression": round(fp32 / size["total"], 3),
         "baseline": {k: base.metrics[k] for k in ("accuracy", "params", "macs", "fp32_bytes")},
         "params_ratio": round(count_params(model) / base.metrics["params"], 4),

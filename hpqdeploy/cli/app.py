@@ -16,7 +16,7 @@ from hpqdeploy.errors import UserError
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Hybrid pruning + adaptive quantization for edge runtimes.")
 console = Console(stderr=True)
-out_console = Console()
+out_console = Console(width=None if sys.stdout.isatty() else 140)
 
 
 def _command() -> str:

@@ -1,0 +1,114 @@
+"""Acceptance benchmark for `hpqdeploy compress` (issue 2): ResNet-20/CIFAR-10 and MiniLM/SST-2 on ../shared.
+
+Runs the CLI exactly as a user would (one subprocess per step, argument lists, one thread each, two at a time),
+then writes bench/results/compress.json and the table in BENCHMARKS.md. Usage:
+
+    .venv/bin/python bench/compress_bench.py [--only resnet20|minilm] [--runs DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+EXE = [sys.executable, "-m", "hpqdeploy"]
+
+RESNET_EPOCHS = 2
+EXPERIMENTS = {
+    "resnet20": {
+        "train": ["train", "resnet20", "--data", "cifar10", "--data-dir", str(SHARED / "data/cifar10-jpeg"),
+                  "--weights", str(SHARED / "models/cifar10-resnet/resnet20-12fca82f.th"),
+                  "--epochs", str(RESNET_EPOCHS)],
+        "compress": ["--epochs", str(RESNET_EPOCHS)],
+        "note": f"baseline and every method: {RESNET_EPOCHS} epochs over the 49,488 JPEG training images (512 held "
+                "out for calibration), Adam lr 1e-3, wd 1e-4, cosine, batch 64; evaluation on all 10,000 test images",
+    },
+    "minilm": {
+        "train": ["train", "minilm", "--data", "sst2", "--data-dir", str(SHARED / "data/sst2"), "--epochs", "1",
+                  "--lr", "5e-5", "--train-limit", "30000"],
+        "compress": ["--epochs", "1", "--lr", "5e-5", "--train-limit", "12000"],
+        "note": "baseline: 1 epoch over 30,000 SST-2 training sentences, Adam lr 5e-5 (the plan's 1e-3 diverges on a "
+                "pretrained transformer), batch 32, max length 64; methods: 1 epoch over 12,000 sentences, lr 5e-5; "
+                "evaluation on the full 872-sentence dev set",
+    },
+}
+METHODS = ("hybrid", "prune", "quant")
+
+
+def run(args: list[str], log: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as fh:
+        fh.write("$ " + " ".join(["hpqdeploy", *args]) + "\n")
+        fh.flush()
+        proc = subprocess.run([*EXE, *args, "--quiet"], stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+    if proc.returncode:
+        raise SystemExit(f"step failed ({proc.returncode}): see {log}")
+
+
+def experiment(name: str, runs: Path, pool: ThreadPoolExecutor) -> None:
+    spec = EXPERIMENTS[name]
+    base = runs / name / "baseline"
+    if not base.exists():
+        pool.submit(run, [*spec["train"], "-o", str(base)], runs / "logs" / f"{name}-baseline.log").result()
+    futures = []
+    for method in METHODS:
+        out = runs / name / method
+        if not out.exists():
+            args = ["compress", str(base), "--method", method, "-o", str(out), *spec["compress"]]
+            futures.append(pool.submit(run, args, runs / "logs" / f"{name}-{method}.log"))
+    for f in futures:
+        f.result()
+
+
+def collect(runs: Path) -> dict:
+    results = {}
+    for name, spec in EXPERIMENTS.items():
+        rows = []
+        for method in ("baseline", *METHODS):
+            d = runs / name / method
+            if not (d / "metrics.json").exists():
+                continue
+            m = json.loads((d / "metrics.json").read_text())
+            prov = json.loads((d / "provenance.json").read_text())
+            plan = json.loads((d / "plan.json").read_text())
+            m.pop("history", None)
+            m["command"] = prov["command"]
+            m["pruning"] = [{k: g[k] for k in ("name", "kind", "units", "kept", "ratio")} for g in plan["pruning"]]
+            rows.append(m)
+        if rows:
+            results[name] = {"note": spec["note"], "rows": rows}
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", choices=list(EXPERIMENTS))
+    ap.add_argument("--runs", type=Path, default=ROOT / "bench" / "runs")
+    ap.add_argument("--collect-only", action="store_true")
+    args = ap.parse_args()
+    start = time.time()
+    if not args.collect_only:
+        names = [args.only] if args.only else list(EXPERIMENTS)
+        # Two processes at a time: the experiments' baselines first, then the methods as slots free up.
+        with ThreadPoolExecutor(len(names)) as drivers, ThreadPoolExecutor(2) as steps:
+            for f in [drivers.submit(experiment, n, args.runs, steps) for n in names]:
+                f.result()
+    results = collect(args.runs)
+    out = ROOT / "bench" / "results" / "compress.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"command": "python bench/compress_bench.py", "seconds": round(time.time() - start),
+                               "results": results}, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

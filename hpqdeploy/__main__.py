@@ -1,0 +1,3 @@
+from hpqdeploy.cli.app import main
+
+main()
