@@ -89,6 +89,37 @@ def collect(runs: Path) -> dict:
     return results
 
 
+def markdown(results: dict, seconds: int) -> str:
+    from hpqdeploy.report import comparison_markdown
+
+    parts = [f"Made by `python bench/compress_bench.py` ({seconds} s wall clock, 2 processes at a time, one thread "
+             "each). Every row: accuracy on the full evaluation split, parameters and MACs of the pruned model, "
+             "weight bytes at the plan's bit widths (scales included) vs the fp32 baseline.\n"]
+    for name, blob in results.items():
+        rows = blob["rows"]
+        parts.append(f"### {name}\n\n{blob['note']}.\n\n{comparison_markdown(rows)}")
+        for r in rows:
+            if r["method"] != "baseline":
+                parts.append(f"- {r['method']}: params {r['params_ratio']:.3f}x, MACs {r['macs_ratio']:.3f}x, "
+                             f"bytes {r['bytes_ratio']:.4f}x (1/{1 / r['bytes_ratio']:.1f}) of the baseline; "
+                             f"accuracy {100 * r['accuracy']:.2f}% vs {100 * r['baseline']['accuracy']:.2f}%")
+        hybrid = next((r for r in rows if r["method"] == "hybrid"), None)
+        if hybrid and hybrid["pruning"]:
+            kept = ", ".join(f"{g['name']} {g['kept']}/{g['units']}" for g in hybrid["pruning"])
+            parts.append(f"\nHybrid pruning, kept/original units per group: {kept}.\n")
+        parts.append("")
+    return "\n".join(parts)
+
+
+def update_benchmarks_md(section: str) -> None:
+    path = ROOT / "BENCHMARKS.md"
+    begin, end = "<!-- compress:begin -->", "<!-- compress:end -->"
+    text = path.read_text() if path.exists() else f"# Benchmarks\n\n## compress (issue 2)\n\n{begin}\n{end}\n"
+    head, _, rest = text.partition(begin)
+    _, _, tail = rest.partition(end)
+    path.write_text(f"{head}{begin}\n{section}\n{end}{tail}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", choices=list(EXPERIMENTS))
@@ -105,9 +136,13 @@ def main() -> None:
     results = collect(args.runs)
     out = ROOT / "bench" / "results" / "compress.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": "python bench/compress_bench.py", "seconds": round(time.time() - start),
+    previous = json.loads(out.read_text()) if args.collect_only and out.exists() else {}
+    seconds = previous.get("seconds", round(time.time() - start))
+    out.write_text(json.dumps({"command": "python bench/compress_bench.py", "seconds": seconds,
                                "results": results}, indent=2) + "\n")
-    print(f"wrote {out}")
+    (out.with_suffix(".md")).write_text(markdown(results, seconds))
+    update_benchmarks_md(markdown(results, seconds))
+    print(f"wrote {out}, {out.with_suffix('.md')} and BENCHMARKS.md")
 
 
 if __name__ == "__main__":

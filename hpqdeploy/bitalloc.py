@@ -110,8 +110,8 @@ def _swap_weight(module: nn.Module, new: torch.Tensor):
     return change
 
 
-def low_bit_share(plan: dict[str, LayerBits], model: nn.Module) -> float:
+def low_bit_share(plan: dict[str, LayerBits], model: nn.Module, low: int) -> float:
+    """Share of all quantized weights stored at `low` bits."""
     layers = quantizable_layers(model)
-    low = min(int(lb.bits.min()) for lb in plan.values())
     num = sum(int((lb.bits == low).sum()) * layers[n].weight[0].numel() for n, lb in plan.items())
     return num / max(sum(m.weight.numel() for m in layers.values()), 1)

@@ -15,9 +15,13 @@ def count_params(model: nn.Module) -> int:
 
 def count_macs(model: nn.Module, example_inputs: Any) -> int:
     """MACs of convolutions and linear layers (torch-pruning's counter; attention matmuls are not counted)."""
+    import contextlib
+    import io
+
     import torch_pruning as tp
 
-    macs, _ = tp.utils.count_ops_and_params(model, example_inputs)
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints a warning per module for keyword-only inputs
+        macs, _ = tp.utils.count_ops_and_params(model, example_inputs)
     return int(macs)
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import math
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -61,6 +63,16 @@ class CompressOptions:
             raise UserError("--epochs must be >= 0, --lr and --batch-size > 0")
 
 
+def _pruning_multiple(loaded: LoadedModel, opts: CompressOptions, target) -> int:
+    """The target's channel multiple; for transformers under a per-group low-bit target also the group size, so
+    the FFN output projection (whose inputs are the pruned neurons) can still be quantized in whole groups."""
+    multiple = target.channel_multiple
+    group = target.support("linear").group_size_for(min(opts.bits))
+    if loaded.modality == "text" and opts.method == "hybrid" and group:
+        multiple = math.lcm(multiple, group)
+    return multiple
+
+
 def _data_loaders(loaded: LoadedModel, splits: Splits, cfg: TrainConfig, calib_batches: int):
     train = loader(splits.train, loaded.collate, cfg.batch_size, shuffle=True, seed=cfg.seed)
     evaluation = loader(splits.eval, loaded.collate, 128 if loaded.modality == "image" else 64, shuffle=False)
@@ -73,14 +85,43 @@ def _describe(loaded: LoadedModel, accuracy: dict) -> dict:
             "params": count_params(loaded.module), "macs": None, "bytes": weight_bytes(loaded.module)}
 
 
+def _warn_lr(loaded: LoadedModel, cfg: TrainConfig) -> None:
+    if loaded.modality == "text" and cfg.epochs > 0 and cfg.lr > 1e-4:
+        warnings.warn(f"lr {cfg.lr:g} is high for fine-tuning a pretrained transformer (usual: 2e-5 to 1e-4)",
+                      stacklevel=2)
+
+
+@torch.no_grad()
+def _check_compatible(loaded: LoadedModel, splits: Splits) -> None:
+    """One forward pass on two real examples before anything is written: shape mismatches fail here, clearly."""
+    from hpqdeploy.importance import forward
+
+    inputs, _ = loaded.collate([splits.eval[i] for i in range(min(2, len(splits.eval)))])
+    loaded.module.eval()
+    try:
+        logits = forward(loaded.module, inputs)
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise UserError(f"{loaded.spec.name} cannot take {splits.info.name} inputs: "
+                        f"{str(exc).splitlines()[0][:160]}") from None
+    if logits.shape[-1] != splits.info.num_classes:
+        raise UserError(f"{loaded.spec.name} predicts {logits.shape[-1]} classes, {splits.info.name} has "
+                        f"{splits.info.num_classes}")
+
+
 def run_train(model_name: str, data: DataOptions, out: Path, cfg: TrainConfig, weights: Path | None = None,
-              max_length: int = 64, quiet: bool = False, resume: bool = False, command: str = "") -> dict:
+              max_length: int = 64, quiet: bool = False, resume: bool = False, command: str = "",
+              scratch: bool = False) -> dict:
     """Step 1 of the plan: a baseline, trained or fine-tuned, with its accuracy and size recorded."""
     artifact.check_output(out)
     splits = load_data(data.name, data.request(cfg.seed))
     info = splits.info
-    loaded = load_model(model_name, num_classes=info.num_classes, input_shape=info.input_shape, weights=weights,
-                        max_length=max_length)
+    if (Path(model_name) / "plan.json").is_file():  # a saved artifact of this tool: keep training it
+        loaded = artifact.load(Path(model_name)).model
+    else:
+        loaded = load_model(model_name, num_classes=info.num_classes, input_shape=info.input_shape,
+                            weights=weights, max_length=max_length, pretrained=not scratch)
+    _warn_lr(loaded, cfg)
+    _check_compatible(loaded, splits)
     torch.manual_seed(cfg.seed)
     train, evaluation, _ = _data_loaders(loaded, splits, cfg, 0)
     work = artifact.partial_dir(out)
@@ -95,7 +136,7 @@ def run_train(model_name: str, data: DataOptions, out: Path, cfg: TrainConfig, w
     plan = {"model": loaded.spec.to_json(), "method": "baseline", "data": asdict(data), "pruning": [],
             "quantization": {}, "target": None}
     provenance = {"command": command, "config": {"train": asdict(cfg), "data": asdict(data), "model": model_name,
-                                                 "weights": str(weights) if weights else None},
+                                                 "weights": str(weights) if weights else None, "scratch": scratch},
                   "seed": cfg.seed, **artifact.environment()}
     artifact.save(out, loaded, plan, metrics, provenance, work)
     return metrics
@@ -116,6 +157,7 @@ def run_compress(baseline_dir: Path, out: Path, opts: CompressOptions, data: Dat
     splits = load_data(data.name, data.request(cfg.seed))
     loaded = base.model
     model = loaded.module
+    _warn_lr(loaded, cfg)
     train, evaluation, calib = _data_loaders(loaded, splits, cfg, opts.calib_batches)
     work = artifact.partial_dir(out)
     if work.exists() and not resume:
@@ -132,7 +174,7 @@ def run_compress(baseline_dir: Path, out: Path, opts: CompressOptions, data: Dat
         else:
             if opts.method in ("hybrid", "prune"):
                 pruning = plan_pruning(model, loaded.example_inputs, calib, opts.prune_ratio,
-                                       target.channel_multiple, opts.importance)
+                                       _pruning_multiple(loaded, opts, target), opts.importance)
             pruned = apply_pruning(copy.deepcopy(model), loaded.example_inputs, pruning)
             if opts.method in ("hybrid", "quant"):
                 quant_plan = plan_bits(pruned, calib, target, tuple(opts.bits), opts.low_bit_share,
@@ -154,6 +196,10 @@ def run_compress(baseline_dir: Path, out: Path, opts: CompressOptions, data: Dat
         raise
     acc = evaluate(model, evaluation, quiet=quiet)
     size = weight_bytes(model)
+    share = low_bit_share(quant_plan, model, min(opts.bits)) if quant_plan else 0.0
+    if quant_plan and share + 0.01 < opts.low_bit_share:
+        warnings.warn(f"low-bit share {share:.2f} is below the budget {opts.low_bit_share:.2f}: "
+                      f"{target.name} runs {min(opts.bits)}-bit weights only for some layers", stacklevel=2)
     fp32 = base.metrics["fp32_bytes"]
     metrics = {
         "method": opts.method, **_describe(loaded, acc), "macs": macs,
@@ -163,7 +209,7 @@ def run_compress(baseline_dir: Path, out: Path, opts: CompressOptions, data: Dat
         "macs_ratio": round(macs / base.metrics["macs"], 4),
         "bytes_ratio": round(size["total"] / fp32, 4),
         "accuracy_drop": round(base.metrics["accuracy"] - acc["accuracy"], 4),
-        "low_bit_share": round(low_bit_share(quant_plan, model), 4) if quant_plan else 0.0,
+        "low_bit_share": round(share, 4), "low_bit_budget": opts.low_bit_share if quant_plan else 0.0,
         "analysis_seconds": round(analysis_seconds, 1), "finetune_seconds": round(time.time() - start - analysis_seconds, 1),
         "history": history,
     }

@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch_pruning as tp
 
 from hpqdeploy.importance import channel_criterion, mean_loss
+from hpqdeploy.metrics import count_macs, count_params
 from hpqdeploy.models.cifar_resnet import ChannelMapShortcut
 
 
@@ -98,7 +99,7 @@ def _attention_modules(model: nn.Module):
         if all(hasattr(m, a) for a in ("query", "key", "value", "num_attention_heads")):
             yield name, m, m.query, "num_attention_heads", m.attention_head_size
         elif all(hasattr(m, a) for a in ("q_lin", "k_lin", "v_lin", "n_heads")):
-            yield name, m, m.q_lin, "n_heads", m.dim // m.n_heads
+            yield name, m, m.q_lin, "n_heads", m.attention_head_size
 
 
 def _ffn_inputs(model: nn.Module):
@@ -160,13 +161,12 @@ def _prune_one(model: nn.Module, graph: tp.DependencyGraph, g: _Group, removed_u
     graph.get_pruning_group(g.root, _handler(g.root), _channel_idxs(g, removed_units)).prune()
     if g.kind == "heads":
         attn = model.get_submodule(g.name)
-        kept = attn.query.out_features // g.unit_channels if hasattr(attn, "query") else attn.q_lin.out_features // g.unit_channels
+        kept = g.root.out_features // g.unit_channels
         if hasattr(attn, "num_attention_heads"):
             attn.num_attention_heads = kept
             attn.all_head_size = kept * g.unit_channels
         else:
             attn.n_heads = kept
-            attn.dim = kept * g.unit_channels
 
 
 def score_groups(model: nn.Module, graph: tp.DependencyGraph, groups: list[_Group], criterion: str) -> None:
@@ -230,12 +230,6 @@ def allocate(groups: list[_Group], sensitivity: dict[str, float], cost_per_unit:
     return choice
 
 
-def count_macs_params(model: nn.Module, example_inputs: Any) -> tuple[int, int]:
-    fwd_inputs = example_inputs if isinstance(example_inputs, dict) else example_inputs
-    macs, params = tp.utils.count_ops_and_params(model, fwd_inputs)
-    return int(macs), int(params)
-
-
 def plan_pruning(model: nn.Module, example_inputs: Any, calib: list, ratio: float, multiple: int,
                  criterion: str) -> list[GroupDecision]:
     """Score, measure and allocate; return the decisions without touching `model`."""
@@ -248,7 +242,7 @@ def plan_pruning(model: nn.Module, example_inputs: Any, calib: list, ratio: floa
     score_groups(model, graph, groups, criterion)
     model.zero_grad(set_to_none=True)
     base = mean_loss(model, calib)
-    base_macs, base_params = count_macs_params(model, example_inputs)
+    base_macs, base_params = count_macs(model, example_inputs), count_params(model)
     sensitivity, cost_per_unit = {}, {}
     for i, g in enumerate(groups):
         low = candidates(g.units, g.unit_channels, ratio, multiple)[0]
@@ -260,7 +254,7 @@ def plan_pruning(model: nn.Module, example_inputs: Any, calib: list, ratio: floa
         _prune_one(trial, trial_graph, find_groups(trial, trial_graph)[i],
                    torch.argsort(g.importance)[: g.units - low].tolist())
         sensitivity[g.name] = mean_loss(trial, calib) - base
-        macs, params = count_macs_params(trial, example_inputs)
+        macs, params = count_macs(trial, example_inputs), count_params(trial)
         cost_per_unit[g.name] = ((base_params - params) / base_params + (base_macs - macs) / base_macs) / (g.units - low)
     kept = allocate(groups, sensitivity, cost_per_unit, ratio, multiple)
     return [GroupDecision(g.name, g.kind, g.units, kept[g.name], g.unit_channels, round(sensitivity[g.name], 6),

@@ -37,6 +37,7 @@ def train(
     output: Path = typer.Option(..., "-o", "--output", help="output directory"),
     data_dir: Optional[str] = typer.Option(None, "--data-dir"),
     weights: Optional[Path] = typer.Option(None, "--weights", help="pretrained weights file (state_dict)"),
+    scratch: bool = typer.Option(False, "--scratch", help="random initialisation instead of pretrained weights"),
     epochs: int = typer.Option(10, "--epochs"),
     lr: float = typer.Option(1e-3, "--lr"),
     weight_decay: float = typer.Option(1e-4, "--weight-decay"),
@@ -57,7 +58,7 @@ def train(
 
     cfg = TrainConfig(epochs, lr, weight_decay, batch_size or _default_batch(data), seed)
     opts = DataOptions(data, data_dir, calib_size, train_limit, eval_limit)
-    metrics = run_train(model, opts, output, cfg, weights, max_length, quiet, resume, _command())
+    metrics = run_train(model, opts, output, cfg, weights, max_length, quiet, resume, _command(), scratch)
     _emit(metrics, as_json, comparison_table([metrics], f"baseline → {output}"))
 
 

@@ -83,14 +83,14 @@ def _family_of(name: str) -> str:
 
 
 def load_model(name: str, *, num_classes: int, input_shape: tuple[int, ...] | None = None,
-               weights: Path | None = None, max_length: int = 64) -> LoadedModel:
-    """Build `name` for a task with `num_classes` classes, loading pretrained weights where available."""
+               weights: Path | None = None, max_length: int = 64, pretrained: bool = True) -> LoadedModel:
+    """Build `name` for a task with `num_classes` classes, loading pretrained weights unless `pretrained=False`."""
     _import_families()
     family = _family_of(name)
     if weights is not None and not Path(weights).is_file():
         raise UserError(f"weights file not found: {weights}")
     return _BUILDERS[family](name=name, num_classes=num_classes, input_shape=input_shape, weights=weights,
-                             max_length=max_length, pretrained=True)
+                             max_length=max_length, pretrained=pretrained)
 
 
 def rebuild_model(spec: ModelSpec) -> LoadedModel:
