@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from safetensors import SafetensorError
 from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
 
@@ -64,6 +65,7 @@ def describe_quantization(model: nn.Module) -> dict[str, dict]:
             "bits": _runs(bits),
             "group_size": m.group_size,
             "act_bits": int(m.act_bits) or None,
+            "act_mode": ("dynamic" if m.act_dynamic else "static") if int(m.act_bits) else "float",
             "act_range": [float(v) for v in m.act_range] if int(m.act_bits) else None,
             "clip": [round(float(c), 3) for c in m.w_clip],
             "scales": [[float(s) for s in row] for row in scales] if m.group_size else [float(s) for s in scales[:, 0]],
@@ -139,9 +141,10 @@ def load(path: Path) -> Artifact:
                       [GroupDecision.from_json(d) for d in plan.get("pruning", [])])
         layers = quantizable_layers(loaded.module)
         for name, q in plan.get("quantization", {}).items():
-            attach(layers[name], bits_from_runs(q["bits"], q["out_channels"]), q["act_bits"], q["group_size"])
+            m = attach(layers[name], bits_from_runs(q["bits"], q["out_channels"]), q["act_bits"], q["group_size"])
+            m.act_dynamic = q.get("act_mode") == "dynamic"
         st_load_model(loaded.module, str(path / "model.safetensors"), strict=True)
-    except (ValueError, KeyError, RuntimeError, OSError) as exc:
+    except (ValueError, KeyError, RuntimeError, OSError, SafetensorError) as exc:
         raise UserError(f"{path}: weights do not match the plan ({str(exc).splitlines()[0][:200]})") from None
     loaded.module.eval()
     loaded.spec.args.pop("tokenizer_dir", None)

@@ -26,6 +26,7 @@ class LayerBits:
     group_size: int | None
     act_bits: int | None
     sensitivity: float | None  # loss increase with the whole layer at the low bit width
+    act_dynamic: bool = False  # activations quantized per batch (the target's mode for low-bit weights)
 
 
 def _layer_precisions(kind: str, target: Target, requested: tuple[int, ...]) -> tuple[int, ...]:
@@ -89,7 +90,11 @@ def plan_bits(model: nn.Module, calib: list, target: Target, bits: tuple[int, ..
         chosen += count
     for n in eligible:
         if (plan[n].bits == low).any():
-            plan[n].group_size = target.support(op_kind(layers[n])).group_size_for(low) or plan[n].group_size
+            support = target.support(op_kind(layers[n]))
+            plan[n].group_size = support.group_size_for(low) or plan[n].group_size
+            if plan[n].act_bits and support.low_bit_activations == "float":
+                plan[n].act_bits = None
+            plan[n].act_dynamic = bool(plan[n].act_bits) and support.low_bit_activations == "dynamic"
     return plan
 
 

@@ -186,6 +186,7 @@ def run_compress(baseline_dir: Path, out: Path, opts: CompressOptions, data: Dat
         layers = quantizable_layers(model)
         for name, lb in quant_plan.items():
             m = attach(layers[name], lb.bits, lb.act_bits, lb.group_size)
+            m.act_dynamic = lb.act_dynamic
             m.w_clip.copy_(search_clip(m.weight.detach(), m.w_bits, m.group_size))
         if quant_plan:
             calibrate(model, calib)

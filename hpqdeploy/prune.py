@@ -89,8 +89,9 @@ class _Group:
 
 def build_graph(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
     fwd = (lambda m, x: m(**x)) if isinstance(example_inputs, dict) else None
-    return tp.DependencyGraph().build_dependency(model, example_inputs, forward_fn=fwd,
-                                                 customized_pruners=CUSTOM_PRUNERS, verbose=False)
+    with torch.enable_grad():  # DepGraph traces autograd: works also when the caller is under torch.no_grad()
+        return tp.DependencyGraph().build_dependency(model, example_inputs, forward_fn=fwd,
+                                                     customized_pruners=CUSTOM_PRUNERS, verbose=False)
 
 
 def _attention_modules(model: nn.Module):

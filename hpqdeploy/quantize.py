@@ -75,6 +75,7 @@ class _QuantMixin:
 
     observing: bool = False
     momentum: float = 0.01
+    act_dynamic: bool = False  # set by legalization where a runtime quantizes activations per batch (XNNPACK 4-bit)
 
     def _init_quant(self, bits: torch.Tensor, act_bits: int | None, group_size: int | None) -> None:
         out = self.weight.shape[0]
@@ -95,6 +96,8 @@ class _QuantMixin:
     def qinput(self, x: torch.Tensor) -> torch.Tensor:
         if int(self.act_bits) == 0:
             return x
+        if self.act_dynamic:
+            return fake_quant_activation(x, x.detach().min(), x.detach().max(), int(self.act_bits))
         if self.observing or self.training:
             with torch.no_grad():
                 lo, hi = x.min().float(), x.max().float()

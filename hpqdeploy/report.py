@@ -29,3 +29,14 @@ def comparison_markdown(results: list[dict]) -> str:
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(row) + " |" for row in _rows(results)]
     return "\n".join(lines) + "\n"
+
+
+def export_table(report: dict) -> Table:
+    table = Table(title=f"{report['method']} → {report['runtime']}")
+    for c in ("accuracy (runtime)", "accuracy (PyTorch)", "top-1 agreement", "max |Δlogit|", "bytes on disk",
+              "legalized"):
+        table.add_column(c, justify="right")
+    table.add_row(f"{100 * report['accuracy']:.2f}%", f"{100 * report['accuracy_pytorch']:.2f}%",
+                  f"{100 * report['top1_agreement']:.2f}%", f"{report['max_abs_diff']:.4g}",
+                  f"{report['bytes_on_disk']:,}", str(len(report["legalization"])))
+    return table

@@ -18,6 +18,7 @@ class OpSupport:
     activation_bits: tuple[int, ...]
     granularity: dict[int, str] = field(default_factory=dict)  # bits -> "per_channel" | "per_group"
     group_size: int | None = None
+    low_bit_activations: str = "static"  # "static" int8 | "dynamic" int8 per batch | "float", for weights < 8 bits
 
     def group_size_for(self, bits: int) -> int | None:
         return self.group_size if self.granularity.get(bits) == "per_group" else None
@@ -60,7 +61,8 @@ def load_target(name: str | None) -> Target:
         for kind in OP_KINDS:
             o = blob["ops"][kind]
             ops[kind] = OpSupport(tuple(o["weight_bits"]), tuple(o.get("activation_bits", ())),
-                                  {int(b): g for b, g in o.get("granularity", {}).items()}, o.get("group_size"))
+                                  {int(b): g for b, g in o.get("granularity", {}).items()}, o.get("group_size"),
+                                  o.get("low_bit_activations", "static"))
         return Target(blob["name"], int(blob["channel_multiple"]), ops, blob.get("runtime", ""),
                       blob.get("artifact", ""))
     except (tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as exc:

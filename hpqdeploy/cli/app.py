@@ -103,6 +103,28 @@ def compress(
 
 
 @app.command()
+def export(
+    source: Path = typer.Argument(..., help="a `hpqdeploy compress` (or `train`) output directory"),
+    target: str = typer.Option(..., "--target", help="tensorrt | openvino | executorch | onnxruntime"),
+    output: Path = typer.Option(..., "-o", "--output"),
+    mixed: str = typer.Option("split", "--mixed", help="mixed bit widths in one layer: split | layer"),
+    batch_size: int = typer.Option(32, "--batch-size", help="evaluation batch"),
+    eval_limit: Optional[int] = typer.Option(None, "--eval-limit"),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="default: the one recorded in the artifact"),
+    threads: int = typer.Option(1, "--threads"),
+    as_json: bool = typer.Option(False, "--json"),
+    quiet: bool = typer.Option(False, "--quiet"),
+):
+    """Lower to a runtime's native artifact, evaluate it inside the runtime, write export.json."""
+    from hpqdeploy.export import ExportOptions, run_export
+    from hpqdeploy.report import export_table
+
+    opts = ExportOptions(target, mixed, batch_size, eval_limit, threads=threads, data_dir=data_dir)
+    report = run_export(source, output, opts, quiet, _command())
+    _emit(report, as_json, export_table(report))
+
+
+@app.command()
 def demo(
     output: Path = typer.Option(Path("runs/demo"), "-o", "--output"),
     epochs: int = typer.Option(3, "--epochs"),

@@ -10,7 +10,7 @@ from hpqdeploy.errors import UserError
 from hpqdeploy.models import cifar_resnet, hf_text, torchvision_zoo
 from hpqdeploy.models.registry import LoadedModel, ModelSpec, call_factory, image_collate, register_family
 
-CIFAR_DEPTHS = {"resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, "resnet110": 110}
+CIFAR_DEPTHS = {"resnet8": 8, "resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, "resnet110": 110}
 
 
 def _image_example(input_shape) -> torch.Tensor:

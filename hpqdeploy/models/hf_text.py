@@ -73,15 +73,18 @@ def _set_head_dropout(cfg, p: float) -> None:
             setattr(cfg, attr, p)
 
 
-def text_collate(tokenizer, max_length: int):
+def text_collate(tokenizer, max_length: int, fixed: bool = False):
+    """Tokenize a batch; `fixed` pads every batch to `max_length` (static shapes for exported runtimes)."""
+    padding = "max_length" if fixed else True
+
     def collate(items: list) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         texts, labels = zip(*items)
         if isinstance(texts[0], (tuple, list)):
             a, b = zip(*texts)
-            enc = tokenizer(list(a), list(b), padding=True, truncation=True, max_length=max_length,
+            enc = tokenizer(list(a), list(b), padding=padding, truncation=True, max_length=max_length,
                             return_tensors="pt")
         else:
-            enc = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length,
+            enc = tokenizer(list(texts), padding=padding, truncation=True, max_length=max_length,
                             return_tensors="pt")
         inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
         return inputs, torch.as_tensor(labels, dtype=torch.long)

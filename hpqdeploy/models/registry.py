@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import pickle
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -89,8 +90,12 @@ def load_model(name: str, *, num_classes: int, input_shape: tuple[int, ...] | No
     family = _family_of(name)
     if weights is not None and not Path(weights).is_file():
         raise UserError(f"weights file not found: {weights}")
-    return _BUILDERS[family](name=name, num_classes=num_classes, input_shape=input_shape, weights=weights,
-                             max_length=max_length, pretrained=pretrained)
+    try:
+        return _BUILDERS[family](name=name, num_classes=num_classes, input_shape=input_shape, weights=weights,
+                                 max_length=max_length, pretrained=pretrained)
+    except (pickle.UnpicklingError, EOFError) as exc:  # torch.load on a file that is no checkpoint at all
+        raise UserError(f"{weights} is not a readable PyTorch checkpoint ({type(exc).__name__}); "
+                        "pass a state_dict saved with torch.save") from None
 
 
 def rebuild_model(spec: ModelSpec) -> LoadedModel:

@@ -1,0 +1,107 @@
+"""One small interface per runtime; `export.py` never branches on a runtime's name.
+
+A runtime lowers the (legalized) fake-quant PyTorch model into its native artifact, loads that artifact for
+inference pinned to a thread count, and reads the artifact back to say which ops and precisions it really holds.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch.nn as nn
+
+from hpqdeploy.errors import MissingExtra, UserError
+from hpqdeploy.targets import Target
+
+
+@dataclass
+class LoweringContext:
+    model: nn.Module  # the legalized fake-quant model, eval mode (BN not folded; each runtime decides)
+    target: Target
+    example_inputs: Any  # a tensor (images) or a dict of tensors (text); batch dimension first
+    calib: list  # calibration batches [(inputs, labels)], the same split `compress` used
+    modality: str  # "image" | "text"
+
+
+@dataclass
+class Lowered:
+    files: list[Path]  # everything the runtime needs, inside the output directory
+    notes: list[str] = field(default_factory=list)  # what the lowering did that a user must know
+
+
+class Session(ABC):
+    """Inference on a lowered artifact: numpy inputs (one array, or a dict for text) to numpy logits."""
+
+    @abstractmethod
+    def __call__(self, inputs: np.ndarray | dict[str, np.ndarray]) -> np.ndarray: ...
+
+    def info(self) -> dict:
+        return {}
+
+
+class Runtime(ABC):
+    name: str
+    extra: str  # the pip extra that installs it
+    modules: tuple[str, ...]  # importable modules it needs
+
+    def missing(self) -> str | None:
+        """The first required module that does not import, or None."""
+        for mod in self.modules:
+            try:
+                importlib.import_module(mod)
+            except ImportError:
+                return mod
+        return None
+
+    def require(self) -> None:
+        mod = self.missing()
+        if mod is not None:
+            raise MissingExtra(f"{mod} (needed for --target {self.name})", self.extra)
+
+    @abstractmethod
+    def lower(self, ctx: LoweringContext, out_dir: Path) -> Lowered: ...
+
+    @abstractmethod
+    def load(self, out_dir: Path, threads: int = 1) -> Session: ...
+
+    @abstractmethod
+    def inspect(self, out_dir: Path) -> dict:
+        """Ops and precisions read back from the artifact: {"ops": {op: count}, "weights": {dtype: count}, ...}."""
+
+
+_RUNTIMES: dict[str, Callable[[], Runtime]] = {}
+
+
+def register_runtime(name: str):
+    def deco(cls):
+        cls.name = name
+        _RUNTIMES[name] = cls
+        return cls
+
+    return deco
+
+
+def runtime_names() -> list[str]:
+    _import_all()
+    return sorted(_RUNTIMES)
+
+
+def get_runtime(name: str) -> Runtime:
+    _import_all()
+    if name not in _RUNTIMES:
+        raise UserError(f"unknown target {name!r}; known: {', '.join(sorted(_RUNTIMES))}")
+    return _RUNTIMES[name]()
+
+
+def _import_all() -> None:
+    for mod in ("onnxruntime_rt", "tensorrt_rt", "openvino_rt", "executorch_rt"):
+        try:
+            importlib.import_module(f"hpqdeploy.lower.{mod}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"hpqdeploy.lower.{mod}":
+                raise

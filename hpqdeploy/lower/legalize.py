@@ -1,0 +1,175 @@
+"""Make a compressed model executable by one runtime, and say exactly what that changed.
+
+A precision the plan asks for but the target does not execute is raised to the nearest one it does (a 4-bit conv
+becomes 8-bit on every runtime here); a granularity it does not run is changed (per-channel 4-bit becomes per-group
+where the runtime needs groups); activations feeding low-bit weights run the way the runtime runs them (float for
+weight-only kernels, per-batch int8 for XNNPACK). A layer whose output channels still mix bit widths is either
+raised to one width (`mixed="layer"`) or split into one part per width (`mixed="split"`): the output channels are
+permuted so each width is contiguous, each part is its own layer, and an index gather restores the order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+
+from hpqdeploy.quantize import QEmbedding, QLinear, _QuantMixin, op_kind
+from hpqdeploy.targets import Target
+
+MIXED_MODES = ("split", "layer")
+
+
+@dataclass
+class Change:
+    layer: str
+    what: str
+    before: str
+    after: str
+    reason: str
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _raise_bits(b: int, allowed: tuple[int, ...]) -> int:
+    higher = [a for a in allowed if a >= b]
+    return min(higher) if higher else max(allowed)
+
+
+def legalize(model: nn.Module, target: Target, mixed: str = "split") -> list[Change]:
+    """Edit the fake-quant `model` in place so that every quantized layer is executable by `target`."""
+    changes: list[Change] = []
+    for name, m in list(model.named_modules()):
+        if not isinstance(m, _QuantMixin):
+            continue
+        kind = op_kind(m)
+        s = target.support(kind)
+        for b in sorted(set(m.w_bits.tolist())):
+            if b not in s.weight_bits:
+                new = _raise_bits(b, s.weight_bits)
+                rows = m.w_bits == b
+                m.w_bits[rows] = new
+                changes.append(Change(name, "weight bits", f"{b}-bit x{int(rows.sum())} channels", f"{new}-bit",
+                                      f"{target.name} runs {kind} weights at {list(s.weight_bits)} bits"))
+        low = int(m.w_bits.min())
+        want = s.group_size_for(low)
+        if want != m.group_size:
+            if want is None or m.weight[0].numel() % want == 0:
+                changes.append(Change(name, "weight granularity", _gran(m.group_size), _gran(want),
+                                      f"{target.name} runs {low}-bit {kind} weights {s.granularity.get(low)}"))
+                m.w_group.fill_(want or 0)
+            else:
+                new = _raise_bits(low + 1, tuple(b for b in s.weight_bits if s.group_size_for(b) is None) or s.weight_bits)
+                m.w_bits[m.w_bits == low] = new
+                m.w_group.fill_(0)
+                changes.append(Change(name, "weight bits", f"{low}-bit", f"{new}-bit",
+                                      f"{m.weight[0].numel()} inputs do not divide into {target.name}'s groups of {want}"))
+        _legalize_activations(name, m, kind, s, target, changes)
+    if mixed == "layer":
+        for name, m in model.named_modules():
+            if isinstance(m, _QuantMixin) and len(set(m.w_bits.tolist())) > 1:
+                top = int(m.w_bits.max())
+                n_low = int((m.w_bits < top).sum())
+                m.w_bits.fill_(top)
+                changes.append(Change(name, "weight bits", f"mixed, {n_low} channels below {top}-bit", f"{top}-bit",
+                                      "per-channel mixed precision legalized to layer level (--mixed layer)"))
+    else:
+        changes += split_mixed_layers(model)
+    return changes
+
+
+def _gran(group: int | None) -> str:
+    return f"per-group {group}" if group else "per-channel"
+
+
+def _legalize_activations(name, m, kind, s, target, changes) -> None:
+    act = int(m.act_bits)
+    if not act:
+        return
+    if int(m.w_bits.min()) < 8 and s.low_bit_activations != "static":
+        if s.low_bit_activations == "float":
+            m.act_bits.fill_(0)
+            changes.append(Change(name, "activations", f"int{act} static", "float",
+                                  f"{target.name} runs low-bit {kind} weights weight-only"))
+        elif not m.act_dynamic:
+            m.act_dynamic = True
+            changes.append(Change(name, "activations", f"int{act} static", f"int{act} dynamic (per batch)",
+                                  f"{target.name} quantizes activations of low-bit {kind} layers at run time"))
+    elif act not in s.activation_bits:
+        m.act_bits.fill_(0)
+        changes.append(Change(name, "activations", f"int{act}", "float",
+                              f"{target.name} runs {kind} activations at {list(s.activation_bits) or 'float'}"))
+
+
+class SplitLinear(nn.Module):
+    """A linear layer whose output channels are split by bit width: y = cat(parts)[..., inverse]."""
+
+    def __init__(self, parts: list[nn.Module], inverse: torch.Tensor):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.register_buffer("inverse", inverse)
+
+    def forward(self, x):
+        return torch.cat([p(x) for p in self.parts], dim=-1).index_select(-1, self.inverse)
+
+
+class SplitEmbedding(nn.Module):
+    """An embedding whose rows are split by bit width: each token reads its row from the table of its width."""
+
+    def __init__(self, parts: list[nn.Module], table: torch.Tensor, row: torch.Tensor):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.register_buffer("table", table)  # token -> which part
+        self.register_buffer("row", row)  # token -> row within its part
+
+    def forward(self, ids):
+        rows, which = self.row[ids], self.table[ids]
+        out = self.parts[0](rows.clamp(max=self.parts[0].num_embeddings - 1))
+        for i, part in enumerate(self.parts[1:], start=1):
+            out = torch.where((which == i).unsqueeze(-1), part(rows.clamp(max=part.num_embeddings - 1)), out)
+        return out
+
+
+def _sub_layer(m: _QuantMixin, rows: torch.Tensor) -> _QuantMixin:
+    if isinstance(m, QLinear):
+        part = nn.Linear(m.in_features, len(rows), bias=m.bias is not None)
+    else:
+        part = nn.Embedding(len(rows), m.embedding_dim)
+    with torch.no_grad():
+        part.weight.copy_(m.weight[rows])
+        if isinstance(m, QLinear) and m.bias is not None:
+            part.bias.copy_(m.bias[rows])
+    part.__class__ = type(m)
+    part._init_quant(m.w_bits[rows], int(m.act_bits) or None, m.group_size)
+    part.w_clip.copy_(m.w_clip[rows])
+    part.act_range.copy_(m.act_range)
+    part.act_dynamic = m.act_dynamic
+    return part
+
+
+def split_mixed_layers(model: nn.Module) -> list[Change]:
+    changes = []
+    for name, m in list(model.named_modules()):
+        if not isinstance(m, (QLinear, QEmbedding)) or len(set(m.w_bits.tolist())) < 2:
+            continue
+        widths = sorted(set(m.w_bits.tolist()), reverse=True)
+        groups = [torch.nonzero(m.w_bits == b).flatten() for b in widths]
+        parts = [_sub_layer(m, rows) for rows in groups]
+        order = torch.cat(groups)
+        if isinstance(m, QLinear):
+            new: nn.Module = SplitLinear(parts, torch.argsort(order))
+        else:
+            table = torch.empty(m.num_embeddings, dtype=torch.long)
+            row = torch.empty(m.num_embeddings, dtype=torch.long)
+            for i, rows in enumerate(groups):
+                table[rows] = i
+                row[rows] = torch.arange(len(rows))
+            new = SplitEmbedding(parts, table, row)
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, new)
+        sizes = ", ".join(f"{len(g)} x {b}-bit" for g, b in zip(groups, widths))
+        changes.append(Change(name, "layout", "mixed bit widths in one layer", f"split: {sizes}",
+                              "per-channel mixed precision kept: one part per width, outputs re-ordered by a gather"))
+    return changes
