@@ -82,7 +82,7 @@ def run_export(artifact_dir: Path, out: Path, opts: ExportOptions, quiet: bool =
     legal.eval()
     calib = list(loader(splits.calib, collate, opts.batch_size, shuffle=False))[: opts.calib_batches]
     example = next(iter(loader(splits.eval, collate, 1, shuffle=False)))[0]
-    ctx = LoweringContext(legal, target, example, calib, loaded.modality)
+    ctx = LoweringContext(legal, target, example, calib, loaded.modality, tuple(sorted({1, opts.batch_size})))
     work = artifact.partial_dir(out)
     if work.exists():
         shutil.rmtree(work)

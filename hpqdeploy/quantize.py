@@ -91,9 +91,17 @@ class _QuantMixin:
         return int(self.w_group) or None
 
     def qweight(self) -> torch.Tensor:
+        from hpqdeploy.lower import torch_prep
+
+        if torch_prep.exporting():
+            return torch_prep.export_weight(self)
         return fake_quant_weight(self.weight, self.w_bits, self.w_clip, self.group_size)
 
     def qinput(self, x: torch.Tensor) -> torch.Tensor:
+        from hpqdeploy.lower import torch_prep
+
+        if torch_prep.exporting():
+            return torch_prep.export_input(self, x)
         if int(self.act_bits) == 0:
             return x
         if self.act_dynamic:

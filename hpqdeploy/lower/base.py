@@ -26,6 +26,7 @@ class LoweringContext:
     example_inputs: Any  # a tensor (images) or a dict of tensors (text); batch dimension first
     calib: list  # calibration batches [(inputs, labels)], the same split `compress` used
     modality: str  # "image" | "text"
+    batch_sizes: tuple[int, ...] = (1, 32)  # batches the artifact must run (static-shape runtimes: one program each)
 
 
 @dataclass

@@ -1,0 +1,54 @@
+"""One lowering scenario, written once and run for every runtime: a tiny compressed model is exported, evaluated
+inside the runtime, and must agree with PyTorch; the artifact must really hold what the plan asked for."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from hpqdeploy.export import ExportOptions, run_export
+from hpqdeploy.finetune import TrainConfig
+from hpqdeploy.lower.base import get_runtime, runtime_names
+from hpqdeploy.pipeline import CompressOptions, DataOptions, run_compress, run_train
+
+RUNTIMES = ["onnxruntime", "openvino", "executorch", "tensorrt"]
+
+
+@pytest.fixture(scope="module")
+def tiny_hybrid(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lowering")
+    data = DataOptions("digits", calib_size=128, train_limit=256, eval_limit=96)
+    run_train("resnet8", data, root / "baseline", TrainConfig(epochs=2, batch_size=64), quiet=True)
+    opts = CompressOptions(method="hybrid", train=TrainConfig(epochs=1, batch_size=64), calib_batches=2)
+    run_compress(root / "baseline", root / "hybrid", opts, quiet=True)
+    return root
+
+
+def _runtime_or_skip(name):
+    if name not in runtime_names():
+        pytest.skip(f"no lowering registered for {name}")
+    rt = get_runtime(name)
+    missing = rt.missing()
+    if missing:
+        pytest.skip(f"{name}: {missing} is not installed here")
+    return rt
+
+
+@pytest.mark.parametrize("target", RUNTIMES)
+@pytest.mark.parametrize("source", ["baseline", "hybrid"])
+def test_lowered_artifact_agrees_with_pytorch(tiny_hybrid, tmp_path, target, source):
+    _runtime_or_skip(target)
+    out = tmp_path / f"{source}-{target}"
+    report = run_export(tiny_hybrid / source, out, ExportOptions(target, batch_size=16), quiet=True)
+    assert (out / "export.json").is_file()
+    assert json.loads((out / "export.json").read_text())["runtime"] == target
+    assert report["eval_examples"] == 96
+    assert report["top1_agreement"] >= 0.95, report
+    assert abs(report["accuracy_delta_points"]) <= 5.0
+    assert report["bytes_on_disk"] > 0
+    if source == "hybrid":
+        # convolutions run int8 on every runtime here: the artifact must really contain 8-bit weights
+        weights = report["contents"]["weights"]
+        assert any(k.startswith(("int8", "i8", "u8", "uint8")) for k in weights), weights
+        assert any(c["what"] == "weight bits" for c in report["legalization"])  # 4-bit convs were raised
