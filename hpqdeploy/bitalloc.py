@@ -1,6 +1,6 @@
 """Adaptive bit allocation: which output channels (neurons, filters, embedding rows) get the low bit width.
 
-A layer's measured sensitivity (loss increase when it alone is quantized to the low bit width) is spread over its
+A layer's measured sensitivity (output divergence when it alone is quantized to the low bit width) is spread over its
 channels in proportion to each channel's extra error at low bits, weighted by the empirical Fisher (criterion
 `taylor`) or unweighted (`magnitude`). Channels are taken cheapest-first per weight, in blocks of the target's
 channel multiple (so an 8-bit and a 4-bit part of a layer stay aligned), until the low-bit share of all quantized
@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from hpqdeploy.errors import UserError
-from hpqdeploy.importance import loss_increase, mean_loss, squared_gradients
+from hpqdeploy.importance import divergence_after, reference_outputs, squared_gradients
 from hpqdeploy.quantize import op_kind, quantizable_layers, quantize_weight, search_clip
 from hpqdeploy.targets import Target
 
@@ -25,7 +25,7 @@ class LayerBits:
     bits: torch.Tensor  # int per output channel
     group_size: int | None
     act_bits: int | None
-    sensitivity: float | None  # loss increase with the whole layer at the low bit width
+    sensitivity: float | None  # output KL divergence with the whole layer at the low bit width
     act_dynamic: bool = False  # activations quantized per batch (the target's mode for low-bit weights)
 
 
@@ -60,7 +60,7 @@ def plan_bits(model: nn.Module, calib: list, target: Target, bits: tuple[int, ..
         return plan
     fisher = squared_gradients(model, calib, eligible.values()) if criterion == "taylor" \
         else {m: torch.ones_like(m.weight) for m in eligible.values()}
-    base = mean_loss(model, calib)
+    reference = reference_outputs(model, calib)
     chunks = []  # (cost per weight, layer name, channel indices, weight count)
     for n, m in eligible.items():
         group = target.support(op_kind(m)).group_size_for(low)
@@ -68,7 +68,7 @@ def plan_bits(model: nn.Module, calib: list, target: Target, bits: tuple[int, ..
         out = w.shape[0]
         lows = torch.full((out,), low)
         low_w = quantize_weight(w, lows, search_clip(w, lows, group), group)
-        plan[n].sensitivity = max(loss_increase(model, calib, base, _swap_weight(m, low_w)), 0.0)
+        plan[n].sensitivity = divergence_after(model, calib, reference, _swap_weight(m, low_w))
         highs = torch.full((out,), high)
         high_w = quantize_weight(w, highs, torch.ones(out), plan[n].group_size)
         f = fisher[m]

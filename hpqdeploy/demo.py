@@ -16,7 +16,7 @@ def run_demo(output: Path, epochs: int = 3, quiet: bool = False) -> list[dict]:
     cfg = TrainConfig(epochs=epochs * 4, batch_size=64)
     results = [run_train("resnet20", data, output / "baseline", cfg, quiet=quiet, command="hpqdeploy demo")]
     for method in METHODS:
-        opts = CompressOptions(method=method, train=TrainConfig(epochs=epochs, batch_size=64), calib_batches=2)
+        opts = CompressOptions(method=method, train=TrainConfig(epochs=epochs, batch_size=64, distill=0.9), calib_batches=2)
         results.append(run_compress(output / "baseline", output / method, opts, quiet=quiet,
                                     command="hpqdeploy demo"))
     return results

@@ -2,8 +2,10 @@
 
 Channel criteria (one signature, chosen by name) delegate to torch-pruning's group importance, so a channel's score
 covers every layer coupled to it: `magnitude` (L2 norm of the coupled weights) and `taylor` (first-order Taylor,
-|w * dL/dw|, from gradients accumulated on calibration batches). Layer sensitivity is measured, not guessed: the
-loss change when that one group is pruned, or that one layer quantized, with everything else untouched.
+|w * dL/dw|, from gradients accumulated on calibration batches). Layer sensitivity is measured, not guessed: how far
+the model's predictions move (KL divergence from the unchanged model on calibration batches) when that one group
+is pruned, or that one layer quantized, with everything else untouched. Unlike a loss difference on a few batches
+it is never negative and barely noisy.
 """
 
 from __future__ import annotations
@@ -58,21 +60,34 @@ def squared_gradients(model: nn.Module, batches: list, modules: Iterable[nn.Modu
 
 
 @torch.no_grad()
-def mean_loss(model: nn.Module, batches: list) -> float:
+def reference_outputs(model: nn.Module, batches: list) -> list[torch.Tensor]:
+    """Log-probabilities of the unchanged model on each calibration batch (what sensitivities compare against)."""
+    was_training = model.training
+    model.eval()
+    out = [F.log_softmax(forward(model, inputs).float(), dim=-1) for inputs, _ in batches]
+    model.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def output_divergence(model: nn.Module, batches: list, reference: list[torch.Tensor]) -> float:
+    """Mean KL(reference || model) over the calibration examples: how far a change moves the predictions."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for inputs, labels in batches:
-        total += F.cross_entropy(forward(model, inputs), labels, reduction="sum").item()
-        count += labels.numel()
+    for (inputs, _), ref in zip(batches, reference):
+        logp = F.log_softmax(forward(model, inputs).float(), dim=-1)
+        total += F.kl_div(logp, ref, log_target=True, reduction="sum").item()
+        count += ref.shape[0]
     model.train(was_training)
     return total / max(count, 1)
 
 
-def loss_increase(model: nn.Module, batches: list, base_loss: float, change: Callable[[], Callable[[], None]]) -> float:
-    """Apply `change` (which returns its own undo), measure the calibration loss, undo; return the increase."""
+def divergence_after(model: nn.Module, batches: list, reference: list[torch.Tensor],
+                     change: Callable[[], Callable[[], None]]) -> float:
+    """Apply `change` (which returns its own undo), measure the output divergence, undo."""
     undo = change()
     try:
-        return mean_loss(model, batches) - base_loss
+        return output_divergence(model, batches, reference)
     finally:
         undo()

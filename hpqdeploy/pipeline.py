@@ -50,7 +50,7 @@ class CompressOptions:
     importance: str = "taylor"
     target: str | None = None
     calib_batches: int = 8
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(distill=0.9))
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -59,6 +59,8 @@ class CompressOptions:
             raise UserError(f"--prune-ratio must be in (0, 1), got {self.prune_ratio}")
         if self.importance not in CRITERIA:
             raise UserError(f"unknown importance criterion {self.importance!r}; choose one of {', '.join(CRITERIA)}")
+        if not 0.0 <= self.train.distill < 1.0 or self.train.temperature <= 0:
+            raise UserError("--distill must be in [0, 1) and --temperature > 0")
         if self.train.epochs < 0 or self.train.lr <= 0 or self.train.batch_size <= 0:
             raise UserError("--epochs must be >= 0, --lr and --batch-size > 0")
 
@@ -165,6 +167,7 @@ def run_compress(baseline_dir: Path, out: Path, opts: CompressOptions, data: Dat
     work.mkdir(parents=True, exist_ok=True)
     start = time.time()
     pruning, quant_plan = [], {}
+    teacher = copy.deepcopy(model) if cfg.distill > 0 else None
     try:
         analysis = work / "analysis.pt"
         if resume and analysis.exists():  # reuse the decisions the interrupted run made, then its checkpoint
@@ -191,7 +194,7 @@ def run_compress(baseline_dir: Path, out: Path, opts: CompressOptions, data: Dat
         if quant_plan:
             calibrate(model, calib)
         analysis_seconds = time.time() - start
-        history = finetune(model, train, cfg, work / "compress.ckpt", resume=resume, quiet=quiet)
+        history = finetune(model, train, cfg, work / "compress.ckpt", resume=resume, quiet=quiet, teacher=teacher)
     except UserError:
         shutil.rmtree(work, ignore_errors=True)
         raise

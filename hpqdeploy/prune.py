@@ -4,7 +4,7 @@ Every coupled set of channels (a DepGraph group: a conv's filters with the BN, t
 residual stream they join) is one allocation unit; transformer attention is pruned by whole heads and the FFN by
 neurons. Each group keeps a multiple of the target's preferred channel count: of the two multiples around
 `units * (1 - ratio)`, the allocation picks per group so that the parameters removed overall reach the ratio while
-the measured loss increase is smallest. The ratio each group really got is recorded in the plan.
+the estimated output divergence is smallest. The ratio each group really got is recorded in the plan.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from hpqdeploy.importance import channel_criterion, mean_loss
+from hpqdeploy.importance import channel_criterion, output_divergence, reference_outputs
 from hpqdeploy.metrics import count_macs, count_params
 from hpqdeploy.models.cifar_resnet import ChannelMapShortcut
 
@@ -61,7 +61,7 @@ class GroupDecision:
     units: int
     kept: int
     unit_channels: int = 1
-    sensitivity: float | None = None  # loss increase when only this group is pruned (at the lower candidate)
+    sensitivity: float | None = None  # output divergence when only this group is pruned (lower candidate)
     removed: list[int] = field(default_factory=list)
 
     @property
@@ -242,7 +242,7 @@ def plan_pruning(model: nn.Module, example_inputs: Any, calib: list, ratio: floa
         accumulate_gradients(model, calib)
     score_groups(model, graph, groups, criterion)
     model.zero_grad(set_to_none=True)
-    base = mean_loss(model, calib)
+    reference = reference_outputs(model, calib)
     base_macs, base_params = count_macs(model, example_inputs), count_params(model)
     sensitivity, cost_per_unit = {}, {}
     for i, g in enumerate(groups):
@@ -254,7 +254,7 @@ def plan_pruning(model: nn.Module, example_inputs: Any, calib: list, ratio: floa
         trial_graph = build_graph(trial, example_inputs)
         _prune_one(trial, trial_graph, find_groups(trial, trial_graph)[i],
                    torch.argsort(g.importance)[: g.units - low].tolist())
-        sensitivity[g.name] = mean_loss(trial, calib) - base
+        sensitivity[g.name] = output_divergence(trial, calib, reference)
         macs, params = count_macs(trial, example_inputs), count_params(trial)
         cost_per_unit[g.name] = ((base_params - params) / base_params + (base_macs - macs) / base_macs) / (g.units - low)
     kept = allocate(groups, sensitivity, cost_per_unit, ratio, multiple)

@@ -77,6 +77,8 @@ def compress(
     lr: float = typer.Option(1e-3, "--lr"),
     weight_decay: float = typer.Option(1e-4, "--weight-decay"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    distill: float = typer.Option(0.9, "--distill", help="weight of distillation from the baseline (0: off)"),
+    temperature: float = typer.Option(4.0, "--temperature", help="distillation temperature"),
     train_limit: Optional[int] = typer.Option(None, "--train-limit"),
     eval_limit: Optional[int] = typer.Option(None, "--eval-limit"),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="default: the baseline's"),
@@ -94,7 +96,7 @@ def compress(
     base_data = _baseline_data(baseline)
     data = DataOptions(**{**base_data, **{k: v for k, v in {"data_dir": data_dir, "train_limit": train_limit,
                                                              "eval_limit": eval_limit}.items() if v is not None}})
-    cfg = TrainConfig(epochs, lr, weight_decay, batch_size or _default_batch(data.name), seed)
+    cfg = TrainConfig(epochs, lr, weight_decay, batch_size or _default_batch(data.name), seed, distill, temperature)
     opts = CompressOptions(method, prune_ratio, tuple(bits), low_bit_share, act_bits or None, importance, target,
                            train=cfg)
     metrics = run_compress(baseline, output, opts, data, quiet, resume, _command())

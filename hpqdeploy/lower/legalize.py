@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
-from hpqdeploy.quantize import QEmbedding, QLinear, _QuantMixin, op_kind
+from hpqdeploy.quantize import QEmbedding, QLinear, _QuantMixin, op_kind, qmax, quantize_weight
 from hpqdeploy.targets import Target
 
 MIXED_MODES = ("split", "layer")
@@ -38,6 +38,17 @@ def _raise_bits(b: int, allowed: tuple[int, ...]) -> int:
     return min(higher) if higher else max(allowed)
 
 
+@torch.no_grad()
+def _keep_values(m: _QuantMixin, rows: torch.Tensor, old: int, new: int) -> None:
+    """Raise `rows` to `new` bits without re-quantizing the float weights: keep the `old`-bit values the model was
+    fine-tuned with and set the clip so the `new`-bit scale equals the `old`-bit one (every non-zero channel of a
+    symmetric quantizer reaches its top level, so that clip is qmax(new) / qmax(old)): the raised layer computes
+    exactly what the compressed model computed, now on the runtime's wider grid."""
+    values = quantize_weight(m.weight, m.w_bits, m.w_clip, m.group_size)
+    m.weight[rows] = values[rows]
+    m.w_clip[rows] = float(qmax(torch.tensor(new)) / qmax(torch.tensor(old)))
+
+
 def legalize(model: nn.Module, target: Target, mixed: str = "split") -> list[Change]:
     """Edit the fake-quant `model` in place so that every quantized layer is executable by `target`."""
     changes: list[Change] = []
@@ -50,6 +61,8 @@ def legalize(model: nn.Module, target: Target, mixed: str = "split") -> list[Cha
             if b not in s.weight_bits:
                 new = _raise_bits(b, s.weight_bits)
                 rows = m.w_bits == b
+                if new > b:
+                    _keep_values(m, rows, b, new)
                 m.w_bits[rows] = new
                 changes.append(Change(name, "weight bits", f"{b}-bit x{int(rows.sum())} channels", f"{new}-bit",
                                       f"{target.name} runs {kind} weights at {list(s.weight_bits)} bits"))
@@ -72,11 +85,31 @@ def legalize(model: nn.Module, target: Target, mixed: str = "split") -> list[Cha
             if isinstance(m, _QuantMixin) and len(set(m.w_bits.tolist())) > 1:
                 top = int(m.w_bits.max())
                 n_low = int((m.w_bits < top).sum())
+                for b in sorted(set(m.w_bits.tolist()) - {top}):
+                    _keep_values(m, m.w_bits == b, b, top)
                 m.w_bits.fill_(top)
                 changes.append(Change(name, "weight bits", f"mixed, {n_low} channels below {top}-bit", f"{top}-bit",
                                       "per-channel mixed precision legalized to layer level (--mixed layer)"))
     else:
         changes += split_mixed_layers(model)
+    changes += _granularity_for_width(model, target)
+    return changes
+
+
+def _granularity_for_width(model: nn.Module, target: Target) -> list[Change]:
+    """A layer raised or split to one width kept the group size chosen for its lowest width (e.g. the 8-bit part
+    of a split 4/8-bit layer is per-group 32): give each layer the granularity the target runs at its width."""
+    changes = []
+    for name, m in model.named_modules():
+        if not isinstance(m, _QuantMixin) or len(set(m.w_bits.tolist())) != 1:
+            continue
+        bits, kind = int(m.w_bits[0]), op_kind(m)
+        s = target.support(kind)
+        want = s.group_size_for(bits)
+        if want != m.group_size and (want is None or m.weight[0].numel() % want == 0):
+            changes.append(Change(name, "weight granularity", _gran(m.group_size), _gran(want),
+                                  f"{target.name} runs {bits}-bit {kind} weights {s.granularity.get(bits)}"))
+            m.w_group.fill_(want or 0)
     return changes
 
 

@@ -1,0 +1,116 @@
+"""ONNX Runtime (CPU execution provider): the QDQ ONNX model of `onnx_qdq`, run in an InferenceSession.
+
+What ORT really executes is decided by its graph optimizer (QDQ node groups become QLinearConv,
+MatMulIntegerToFloat, ...; the rest runs in float), so `inspect` also reads back the optimized graph: the "hybrid not
+slower" question is answered by which convolutions and matmuls ended up in integer kernels.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from hpqdeploy.errors import UserError
+from hpqdeploy.lower.base import Lowered, LoweringContext, Runtime, Session, register_runtime
+from hpqdeploy.lower.onnx_qdq import ONNXRUNTIME, export_qdq, inspect_onnx
+
+MODEL_FILE = "model.onnx"
+INTEGER_KERNELS = {"QGemm", "MatMulIntegerToFloat", "MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul",
+                   "MatMulNBits", "GatherBlockQuantized", "QAttention", "QEmbedLayerNormalization"}
+FLOAT_COMPUTE = {"Conv", "FusedConv", "NchwcConv", "MatMul", "FusedMatMul", "Gemm", "FusedGemm"}
+
+
+def session_options(threads: int, exact_qdq: bool = False):
+    """`exact_qdq` keeps Q/DQ as written (no fusion into ORT's integer kernels): the reference numerics of the graph,
+    used where ORT only stands in for another runtime."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    if exact_qdq:
+        so.add_session_config_entry("session.disable_quant_qdq", "1")
+    return so
+
+
+class OrtSession(Session):
+    def __init__(self, path: Path, threads: int = 1, exact_qdq: bool = False, note: str | None = None):
+        import onnxruntime as ort
+
+        if not path.is_file():
+            raise UserError(f"{path} does not exist: nothing was lowered into {path.parent}")
+        try:
+            self.session = ort.InferenceSession(str(path), session_options(threads, exact_qdq),
+                                                providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises its own exception types for invalid graphs and unsupported ops
+            raise UserError(f"ONNX Runtime cannot load {path.name}: {str(exc).strip().splitlines()[0][:200]}") \
+                from None
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.threads, self.exact_qdq, self.note = threads, exact_qdq, note
+
+    def __call__(self, inputs):
+        if isinstance(inputs, dict):
+            missing = [n for n in self.input_names if n not in inputs]
+            if missing:
+                raise UserError(f"the model needs input {missing[0]!r}; got {', '.join(inputs)}")
+            feeds = {n: np.ascontiguousarray(inputs[n], dtype=np.int64) for n in self.input_names}
+        else:
+            feeds = {self.input_names[0]: np.ascontiguousarray(inputs, dtype=np.float32)}
+        return self.session.run(None, feeds)[0]
+
+    def info(self) -> dict:
+        import onnxruntime as ort
+
+        info = {"runtime": "onnxruntime", "version": ort.__version__, "providers": self.session.get_providers(),
+                "intra_op_threads": self.threads, "inter_op_threads": 1, "execution_mode": "sequential",
+                "graph_optimization": "all",
+                "qdq_fusion": "off (Q/DQ evaluated as written)" if self.exact_qdq else "on (ORT integer kernels)"}
+        if self.note:
+            info["note"] = self.note
+        return info
+
+
+def optimized_graph(path: Path) -> dict:
+    """The ops ORT's optimizer turns the graph into (level "extended": where the QDQ fusions happen; "all" adds only
+    machine-specific layout changes): which compute ops run in integer kernels and which stay float."""
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as tmp:
+        so = session_options(1)
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        so.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        graph = onnx.load(so.optimized_model_filepath).graph
+    ops = Counter(n.op_type for n in graph.node)
+    return {"level": "extended",
+            "integer_kernels": {k: v for k, v in sorted(ops.items())
+                                if k in INTEGER_KERNELS or k.startswith("QLinear")},
+            "float_compute": {k: v for k, v in sorted(ops.items()) if k in FLOAT_COMPUTE},
+            "quantize_dequantize": {k: ops[k] for k in ("QuantizeLinear", "DequantizeLinear") if ops[k]}}
+
+
+@register_runtime("onnxruntime")
+class OnnxRuntime(Runtime):
+    extra = "onnx"
+    modules = ("onnx", "onnxruntime")
+
+    def lower(self, ctx: LoweringContext, out_dir: Path) -> Lowered:
+        result = export_qdq(ctx.model, ctx.example_inputs, out_dir / MODEL_FILE, ONNXRUNTIME)
+        notes = result.notes() + ["8-bit weights stored as uint8 with zero point 128 (the same values as int8 with "
+                                  "zero point 0): ORT's u8s8 kernels saturate on x86 CPUs without VNNI, u8u8 do not"]
+        return Lowered(result.files, notes)
+
+    def load(self, out_dir: Path, threads: int = 1) -> Session:
+        return OrtSession(out_dir / MODEL_FILE, threads)
+
+    def inspect(self, out_dir: Path) -> dict:
+        contents = inspect_onnx(out_dir / MODEL_FILE)
+        contents["optimized"] = optimized_graph(out_dir / MODEL_FILE)
+        return contents
