@@ -13,6 +13,17 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def param_breakdown(model: nn.Module) -> dict[str, int] | None:
+    """Parameters per part of a transformer classifier (embeddings, encoder, pooler, classifier); None otherwise."""
+    hf = getattr(model, "hf", None)
+    if hf is None:
+        return None
+    base = hf.base_model
+    parts = {name: count_params(child) for name, child in base.named_children()}
+    parts["head"] = count_params(hf) - count_params(base)
+    return parts
+
+
 def count_macs(model: nn.Module, example_inputs: Any) -> int:
     """MACs of convolutions and linear layers (torch-pruning's counter; attention matmuls are not counted)."""
     import contextlib

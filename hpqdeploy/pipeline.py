@@ -18,7 +18,7 @@ from hpqdeploy.data import DataRequest, Splits, load_data
 from hpqdeploy.errors import UserError
 from hpqdeploy.finetune import TrainConfig, evaluate, finetune, loader
 from hpqdeploy.importance import CRITERIA
-from hpqdeploy.metrics import count_macs, count_params, weight_bytes
+from hpqdeploy.metrics import count_macs, count_params, param_breakdown, weight_bytes
 from hpqdeploy.models import LoadedModel, load_model
 from hpqdeploy.prune import GroupDecision, apply_pruning, plan_pruning
 from hpqdeploy.quantize import attach, calibrate, quantizable_layers, search_clip
@@ -84,7 +84,8 @@ def _data_loaders(loaded: LoadedModel, splits: Splits, cfg: TrainConfig, calib_b
 
 def _describe(loaded: LoadedModel, accuracy: dict) -> dict:
     return {"accuracy": accuracy["accuracy"], "eval_loss": accuracy["loss"], "eval_examples": accuracy["examples"],
-            "params": count_params(loaded.module), "macs": None, "bytes": weight_bytes(loaded.module)}
+            "params": count_params(loaded.module), "params_by_part": param_breakdown(loaded.module), "macs": None,
+            "bytes": weight_bytes(loaded.module)}
 
 
 def _warn_lr(loaded: LoadedModel, cfg: TrainConfig) -> None:
@@ -142,6 +143,17 @@ def run_train(model_name: str, data: DataOptions, out: Path, cfg: TrainConfig, w
                   "seed": cfg.seed, **artifact.environment()}
     artifact.save(out, loaded, plan, metrics, provenance, work)
     return metrics
+
+
+def _pruned_dimensions(pruning: list[GroupDecision]) -> dict[str, dict]:
+    """Per kind of unit (conv channels, attention heads, FFN neurons): groups, units before and after."""
+    out: dict[str, dict] = {}
+    for d in pruning:
+        k = out.setdefault(d.kind, {"groups": 0, "units": 0, "kept": 0})
+        k["groups"] += 1
+        k["units"] += d.units
+        k["kept"] += d.kept
+    return out
 
 
 def run_compress(baseline_dir: Path, out: Path, opts: CompressOptions, data: DataOptions | None = None,
@@ -214,6 +226,7 @@ def run_compress(baseline_dir: Path, out: Path, opts: CompressOptions, data: Dat
         "bytes_ratio": round(size["total"] / fp32, 4),
         "accuracy_drop": round(base.metrics["accuracy"] - acc["accuracy"], 4),
         "low_bit_share": round(share, 4), "low_bit_budget": opts.low_bit_share if quant_plan else 0.0,
+        "pruned_dimensions": _pruned_dimensions(pruning),
         "analysis_seconds": round(analysis_seconds, 1), "finetune_seconds": round(time.time() - start - analysis_seconds, 1),
         "history": history,
     }

@@ -223,6 +223,7 @@ class OpenVINORuntime(Runtime):
             "inference_precision": _type_name(compiled.get_property("INFERENCE_PRECISION_HINT")),
             "cpu_default_precision": _type_name(core.get_property("CPU", "INFERENCE_PRECISION_HINT")),
             "cpu_capabilities": list(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")),
+            "int8_dot_product": _int8_dot_product(),
             "threads": int(compiled.get_property("INFERENCE_NUM_THREADS")),
         }
         return OpenVINOSession(compiled, info)
@@ -285,6 +286,19 @@ def _model_path(out_dir: Path) -> Path:
     if not xml.is_file() or not xml.with_suffix(".bin").is_file():
         raise UserError(f"{out_dir} holds no OpenVINO IR ({MODEL_XML} + {MODEL_BIN})")
     return xml
+
+
+def _int8_dot_product() -> str:
+    """Without VNNI/AMX the CPU plugin's int8 kernels add u8 x i8 products in pairs into saturating int16, so an
+    int8 layer can deviate from the plan where large activations meet large same-sign weights (NNCF's
+    `overflow_fix` narrows weights to 7 bits for this; the plan's weights are kept here, so report it)."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return "unknown"
+    if flags & {"amx_int8", "avx512_vnni", "avx_vnni"}:
+        return "VNNI/AMX (int32 accumulation)"
+    return "no VNNI: u8 x i8 pairs accumulate in saturating int16, int8 layers can deviate slightly"
 
 
 def _type_name(t) -> str:
