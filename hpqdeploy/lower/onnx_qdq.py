@@ -9,8 +9,10 @@ weight (integer x scale, exactly what the fake-quant layer computes) as one cons
 `fake_quantize_per_tensor_affine` op `export_form` emits (-> QuantizeLinear/DequantizeLinear). The post-pass finds
 each layer's weight by that name and writes the runtime's integer form in its place:
 
-- int8 per-channel: an int8 initializer feeding DequantizeLinear (conv, linear, and TensorRT's embeddings);
-- grouped linear weights on ONNX Runtime: `com.microsoft.MatMulNBits` (codes q + 2^(b-1), default zero point);
+- 8-bit per-channel: 8-bit codes feeding DequantizeLinear (int8 for TensorRT; uint8 with zero point 128, the same
+  values, for ONNX Runtime: see `ONNXRUNTIME`);
+- weight-only linear layers (grouped 4/8-bit, or 8-bit with float inputs) on ONNX Runtime:
+  `com.microsoft.MatMulNBits` (codes q + 2^(b-1), default zero point, fp32 accuracy);
 - grouped 4-bit linear weights on TensorRT: opset-21 INT4 DequantizeLinear with `block_size` (weight-only);
 - embeddings on ONNX Runtime: `com.microsoft.GatherBlockQuantized` (int4 blocks, or uint8 rows), so only the
   gathered rows are dequantized at run time.
@@ -69,6 +71,7 @@ class ActQuant(NamedTuple):
     zero_point: int
     qmin: int
     qmax: int
+    origin: str = "the plan's affine scale and zero point (no fresh calibration)"
 
 
 @dataclass
@@ -93,10 +96,9 @@ class QdqExport:
 
     def notes(self) -> list[str]:
         forms = Counter(_FORM_TEXT[layer.form] for layer in self.layers.values())
-        acts = Counter(_act_text(layer.act) for layer in self.layers.values() if layer.act is not None)
+        acts = Counter((_act_text(layer.act), layer.act.origin) for layer in self.layers.values() if layer.act)
         notes = [f"{n} layer(s): {text}" for text, n in sorted(forms.items())]
-        notes += [f"{n} layer input(s) quantized {text}, scales from the plan's activation ranges (no fresh "
-                  f"calibration)" for text, n in sorted(acts.items())]
+        notes += [f"{n} layer input(s) quantized {text}, scale: {origin}" for (text, origin), n in sorted(acts.items())]
         if self.folded_batchnorms:
             notes.append(f"{self.folded_batchnorms} BatchNorm layer(s) folded into the preceding convolution")
         notes.append(f"ONNX opset {self.opset}, dynamic batch axis")
@@ -105,7 +107,7 @@ class QdqExport:
 
 _FORM_TEXT = {
     "dq_int8": "8-bit per-channel weights -> DequantizeLinear",
-    "matmulnbits": "grouped weights -> com.microsoft.MatMulNBits (float activations)",
+    "matmulnbits": "weight-only (float activations) -> com.microsoft.MatMulNBits",
     "block_dq_int4": "INT4 block weights -> opset-21 DequantizeLinear (weight-only)",
     "gather_block_int4": "4-bit grouped embedding -> com.microsoft.GatherBlockQuantized",
     "gather_block_uint8": "8-bit per-row embedding -> com.microsoft.GatherBlockQuantized",
@@ -113,7 +115,7 @@ _FORM_TEXT = {
 
 
 def _act_text(act: ActQuant) -> str:
-    return "affine uint8" if act.qmin == 0 else "symmetric int8 (zero point 0, scale max(|lo|,|hi|)/127)"
+    return "affine uint8" if act.qmin == 0 else "symmetric int8 (zero point 0)"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -183,18 +185,20 @@ def activation_quant(name: str, m: _QuantMixin, flavor: QdqFlavor) -> ActQuant |
     if flavor.activations == "uint8":
         scale, zp = activation_qparams(lo, hi, 8)
         return ActQuant(scale, zp, 0, 255)
-    amax = max(abs(lo), abs(hi))
-    scale = float(np.float32(max(amax / 127.0, 1e-8)))
-    return ActQuant(scale, 0, -128, 127)
+    scale = float(np.float32(max(max(abs(lo), abs(hi)) / 127.0, 1e-8)))
+    return ActQuant(scale, 0, -128, 127, "max(|lo|,|hi|)/127 from the plan's activation range (no fresh calibration)")
 
 
-def _choose_form(name: str, kind: str, p: QuantParams, flavor: QdqFlavor) -> str:
+def _choose_form(name: str, kind: str, p: QuantParams, act: ActQuant | None, flavor: QdqFlavor) -> str:
     grouped = p.group_size is not None
     if kind == "conv" and p.bits == 8 and not grouped:
         return "dq_int8"
     if kind == "linear":
         if p.bits == 8 and not grouped:
-            return "dq_int8"
+            # weight-only 8-bit on ONNX Runtime: written as MatMulNBits at fp32 accuracy; left as DQ -> MatMul, ORT
+            # would fuse it into MatMulNBits at accuracy level 4 (activations quantized per batch: other numerics)
+            weight_only = act is None and flavor.grouped_linear == "matmulnbits" and _row_block(p)
+            return "matmulnbits" if weight_only else "dq_int8"
         if grouped and flavor.grouped_linear == "matmulnbits" and p.bits in (4, 8):
             return "matmulnbits"
         if grouped and flavor.grouped_linear == "block_dq" and p.bits == 4:
@@ -210,7 +214,8 @@ def _choose_form(name: str, kind: str, p: QuantParams, flavor: QdqFlavor) -> str
 
 
 def _row_block(p: QuantParams) -> int | None:
-    """GatherBlockQuantized needs power-of-two blocks >= 16: the largest that divides a row (per-row scale repeated)."""
+    """MatMulNBits and GatherBlockQuantized take power-of-two blocks >= 16: the largest that divides a row (for a
+    per-channel layer each block repeats its channel's scale), or None."""
     dim = p.int_weight.shape[1]
     for block in (2**k for k in range(12, 3, -1)):
         if dim % block == 0:
@@ -230,7 +235,7 @@ def swap_in_stand_ins(model: nn.Module, flavor: QdqFlavor) -> dict[str, LayerFor
         except ValueError as exc:
             raise UserError(f"layer {name}: {exc}") from None
         act = activation_quant(name, m, flavor)
-        form = _choose_form(name, kind, p, flavor)
+        form = _choose_form(name, kind, p, act, flavor)
         weight = dequantized_weight(p)
         if kind == "conv":
             if m.padding_mode != "zeros":
@@ -239,6 +244,8 @@ def swap_in_stand_ins(model: nn.Module, flavor: QdqFlavor) -> dict[str, LayerFor
         elif kind == "linear":
             new = _LinearStandIn(weight.t(), m.bias, act)
         else:
+            if m.max_norm is not None:
+                raise UserError(f"layer {name}: embeddings with max_norm (renormalized rows) are not exported")
             new = _EmbeddingStandIn(weight, None, None)
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, new)
@@ -288,12 +295,13 @@ def export_qdq(model: nn.Module, example_inputs: Any, path: Path, flavor: QdqFla
 def save_onnx(proto, path: Path) -> list[Path]:
     import onnx
 
-    onnx.checker.check_model(proto)
     if proto.ByteSize() < EXTERNAL_DATA_LIMIT:
+        onnx.checker.check_model(proto)
         onnx.save(proto, str(path))
         return [path]
     data = path.with_name(path.name + ".data")
     onnx.save(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name)
+    onnx.checker.check_model(str(path))
     return [path, data]
 
 
@@ -307,12 +315,16 @@ class WeightWriter:
         self.graph = proto.graph
         self.proto = proto
         self.inits = {t.name: t for t in self.graph.initializer}
+        self.dropped: set[str] = set()
 
     def write(self, layers) -> None:
         layers = list(layers)
         self._undo_dedup([f"{layer.name}.weight" for layer in layers])
         for layer in layers:
             getattr(self, f"_write_{layer.form}")(layer, f"{layer.name}.weight")
+        kept = [t for t in self.graph.initializer if t.name not in self.dropped]
+        del self.graph.initializer[:]
+        self.graph.initializer.extend(kept)
         if any(n.domain == MS_DOMAIN for n in self.graph.node):
             from onnx import helper
 
@@ -343,9 +355,11 @@ class WeightWriter:
         return name
 
     def _take(self, key: str, layer: LayerForm) -> None:
+        """Drop the float weight (from the graph at the end of `write`: one pass over the initializers)."""
         if key not in self.inits:
             raise UserError(f"layer {layer.name}: its weight did not survive the ONNX export as a constant")
-        self.graph.initializer.remove(self.inits.pop(key))
+        del self.inits[key]
+        self.dropped.add(key)
 
     def _consumers(self, key: str) -> list:
         return [n for n in self.graph.node if key in n.input]
@@ -405,7 +419,7 @@ class WeightWriter:
 
         p = layer.params
         n, k = p.int_weight.shape
-        block = int(p.group_size)
+        block = p.group_size or _row_block(p)  # per-channel: equal blocks along K, the channel's scale repeated
         if block < 16 or block & (block - 1):
             raise UserError(f"layer {layer.name}: MatMulNBits needs a power-of-two group size >= 16, got {block}")
         users = self._only_consumed_by(key, layer, "MatMul", 1)
@@ -414,12 +428,13 @@ class WeightWriter:
         codes = codes.reshape(n, k // block, block)
         if p.bits == 4:  # two codes per byte along K, low nibble first
             codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
+        scales = np.broadcast_to(p.scales.numpy(), (n, k // block)) if p.group_size is None else p.scales.numpy()
         b = self._array(f"{key}_nbits", codes)
-        s = self._array(f"{key}_scales", p.scales.numpy().reshape(-1).astype(np.float32))
-        for node in users:
+        s = self._array(f"{key}_scales", scales.reshape(-1).astype(np.float32))
+        for node in users:  # accuracy_level 1: float activations, as the plan runs them
             self._replace(node, helper.make_node(
                 "MatMulNBits", [node.input[0], b, s], list(node.output), name=f"{layer.name}/MatMulNBits",
-                domain=MS_DOMAIN, K=k, N=n, bits=p.bits, block_size=block))
+                domain=MS_DOMAIN, K=k, N=n, bits=p.bits, block_size=block, accuracy_level=1))
 
     def _write_gather_block_int4(self, layer: LayerForm, key: str) -> None:
         import ml_dtypes
@@ -455,7 +470,7 @@ class WeightWriter:
 # Reading an ONNX file back
 
 
-def _dtype_name(elem_type: int) -> str:
+def dtype_name(elem_type: int) -> str:
     """"float32", "int8", "uint8", "int4", "int64", ... as numpy (and ml_dtypes) name them."""
     from onnx import helper
 
@@ -499,11 +514,11 @@ def inspect_onnx(path: Path) -> dict:
                 label = f"uint{bits} (GatherBlockQuantized)"
                 count = count * 8 // bits
             else:
-                label = f"{_dtype_name(t.data_type)} (GatherBlockQuantized)"
+                label = f"{dtype_name(t.data_type)} (GatherBlockQuantized)"
             special[t.name] = (label, count)
     weights: Counter = Counter()
     for t in graph.initializer:
-        label, count = special.get(t.name, (_dtype_name(t.data_type), math.prod(t.dims)))
+        label, count = special.get(t.name, (dtype_name(t.data_type), math.prod(t.dims)))
         weights[label] += count
     ops = Counter(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}.{n.op_type}" for n in graph.node)
     opsets = {o.domain or "ai.onnx": o.version for o in proto.opset_import}
@@ -524,11 +539,11 @@ def quantized_ops(graph, consts) -> Counter:
         src = dq.input[0]
         if src in consts:
             block = _attr(dq, "block_size", 0)
-            return _dtype_name(consts[src].data_type) + (f"/block{block}" if block else "")
+            return dtype_name(consts[src].data_type) + (f"/block{block}" if block else "")
         q = producer.get(src)
         if q is not None and q.op_type == "QuantizeLinear":
             if len(q.input) > 2 and q.input[2] in consts:
-                return _dtype_name(consts[q.input[2]].data_type)
+                return dtype_name(consts[q.input[2]].data_type)
             return "uint8"
         return "quantized"
 
@@ -542,7 +557,7 @@ def quantized_ops(graph, consts) -> Counter:
             out[f"MatMulNBits w:uint{_attr(n, 'bits', 4)}/block{_attr(n, 'block_size')} a:float"] += 1
         elif n.op_type == "GatherBlockQuantized":
             t = consts.get(n.input[0])
-            kind = _dtype_name(t.data_type) if t is not None else "?"
+            kind = dtype_name(t.data_type) if t is not None else "?"
             if kind == "uint8":
                 kind = f"uint{_attr(n, 'bits', 4)}"
             out[f"GatherBlockQuantized w:{kind}/block{_attr(n, 'block_size')}"] += 1

@@ -37,6 +37,7 @@ PRECISIONS = {"f32": "f32", "bf16": "bf16", "f16": "f16", "default": None}
 WEIGHT_OPS = {"Convolution": (1,), "GroupConvolution": (1,), "MatMul": (0, 1), "Gather": (0,)}
 # ops between a weight constant and its consumer (decompression, FakeQuantize on weights, layout)
 _WEIGHT_PATH = {"Convert", "Subtract", "Multiply", "Reshape", "Transpose", "Unsqueeze", "FakeQuantize"}
+_INDEX_TYPES = {"i32", "i64", "boolean"}  # constants of these types are index tables or shapes, not weights
 
 
 class _PinnedLinear(QLinear):
@@ -188,12 +189,12 @@ class OpenVINORuntime(Runtime):
         xml = out_dir / MODEL_XML
         ov.save_model(ov_model, str(xml), compress_to_fp16=False)
         fq = sum(op.get_type_name() == "FakeQuantize" for op in ov_model.get_ops())
-        notes = [
-            f"BatchNorm folded into {folded} convolutions before conversion",
-            f"8-bit per-channel weights and static activation ranges of the plan converted as FakeQuantize "
-            f"({fq} activation FakeQuantize nodes kept; weight FakeQuantize stored by OpenVINO as i8 + scale)",
-            "batch dimension dynamic; other input dimensions fixed as in the evaluation data",
-        ]
+        notes = [f"BatchNorm folded into {folded} convolutions before conversion",
+                 "batch dimension dynamic; other input dimensions fixed as in the evaluation data"]
+        if fq:
+            notes.append(f"the plan's 8-bit per-channel weights and static activation ranges converted as FakeQuantize "
+                         f"({fq} activation FakeQuantize kept, the plan's ranges, no OpenVINO/NNCF calibration; "
+                         f"weight FakeQuantize stored by OpenVINO as i8 + per-channel scale)")
         if weight_only:
             kinds = Counter(f"{w.bits}-bit {'group ' + str(w.group_size) if w.group_size else 'per-channel'}"
                             for w in weight_only)
@@ -309,7 +310,9 @@ def _weight_constant(node):
     """The Constant a weight input is decompressed from, or None when the input is an activation."""
     while node.get_type_name() in _WEIGHT_PATH:
         node = node.input(0).get_source_output().get_node()
-    return node if node.get_type_name() == "Constant" and len(node.get_output_shape(0)) >= 2 else None
+    if node.get_type_name() != "Constant" or node.get_element_type().get_type_name() in _INDEX_TYPES:
+        return None
+    return node if len(node.get_output_shape(0)) >= 2 else None
 
 
 def _layer_name(op) -> str:

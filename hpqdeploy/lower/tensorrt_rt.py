@@ -11,13 +11,14 @@ evaluated as written (ORT's integer kernels would add their own saturation on CP
 from __future__ import annotations
 
 import importlib
+import math
 from pathlib import Path
 
 import numpy as np
 
 from hpqdeploy.errors import UserError
 from hpqdeploy.lower.base import Lowered, LoweringContext, Runtime, Session, register_runtime
-from hpqdeploy.lower.onnx_qdq import TENSORRT, constants, export_qdq, inspect_onnx
+from hpqdeploy.lower.onnx_qdq import TENSORRT, constants, dtype_name, export_qdq, inspect_onnx
 from hpqdeploy.lower.onnxruntime_rt import OrtSession
 
 MODEL_FILE = "model.onnx"
@@ -56,7 +57,6 @@ class _RuleCheck:
     def __init__(self, model):
         self.model, self.graph = model, model.graph
         self.consts = constants(self.graph)
-        self.producer = {out: n for n in self.graph.node for out in n.output}
         self.users: dict[str, list] = {}
         for n in self.graph.node:
             for i, name in enumerate(n.input):
@@ -78,9 +78,7 @@ class _RuleCheck:
         return self.violations
 
     def _dtype(self, name: str) -> str | None:
-        from hpqdeploy.lower.onnx_qdq import _dtype_name
-
-        return _dtype_name(self.consts[name].data_type) if name in self.consts else None
+        return dtype_name(self.consts[name].data_type) if name in self.consts else None
 
     def _check_qdq(self, node, where: str) -> None:
         from onnx import numpy_helper
@@ -100,12 +98,15 @@ class _RuleCheck:
         elif zp_name and numpy_helper.to_array(self.consts[zp_name]).astype(np.int64).any():
             add(f"{where}: zero point must be 0 (TensorRT quantizes symmetrically)")
         if node.op_type == "QuantizeLinear":
-            if q_type is None and "output_dtype" not in attrs:
-                q_type = "uint8"  # QuantizeLinear without a zero point outputs uint8
+            if q_type is None:  # no zero point: output_dtype (opset 21) decides, else ONNX's default uint8
+                q_type = dtype_name(attrs["output_dtype"]) if attrs.get("output_dtype") else "uint8"
             if q_type != "int8":
                 add(f"{where}: quantizes to {q_type}; TensorRT takes int8 activations only")
             if block:
                 add(f"{where}: block quantization of activations is not an INT8 Q/DQ form TensorRT takes")
+            elif node.input[0] not in self.consts and scale_name in self.consts \
+                    and math.prod(self.consts[scale_name].dims) > 1:
+                add(f"{where}: per-channel activation quantization; TensorRT quantizes activations per tensor")
             return
         data = node.input[0]
         weight = data in self.consts
@@ -178,6 +179,7 @@ def trtexec_command(shapes: dict) -> str:
 
 
 def write_build_script(out_dir: Path, shapes: dict, int4: bool) -> Path:
+    int4_note = "# This model has INT4 block weights (opset 21): it needs a TensorRT 10 release that parses opset 21.\n"
     path = out_dir / BUILD_SCRIPT
     path.write_text(f"""#!/bin/sh
 # Build the TensorRT engine for {MODEL_FILE} on the device that will run it (an engine is specific to its GPU and
@@ -185,8 +187,7 @@ def write_build_script(out_dir: Path, shapes: dict, int4: bool) -> Path:
 # --int8/--fp16 flag and no calibration cache.
 # TensorRT 8.5 (JetPack 5) differs: there is no --stronglyTyped (pass --int8 so the Q/DQ nodes are honoured, and
 # --fp16 if the float parts may run in half precision), and its parser reads opsets <= 17 with no INT4.
-{"# This model has INT4 block weights (opset 21): it needs a TensorRT 10 release that parses opset 21." if int4 else ""}
-set -e
+{int4_note if int4 else ""}set -e
 cd "$(dirname "$0")"
 {trtexec_command(shapes)}
 """)

@@ -86,9 +86,9 @@ class CifarResNet(nn.Module):
 
 def load_akamaster_checkpoint(model: CifarResNet, path) -> None:
     """Load a `{'state_dict': {'module.<name>': ...}}` checkpoint of akamaster/pytorch_resnet_cifar10."""
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    state = blob.get("state_dict", blob) if isinstance(blob, dict) else blob
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    from hpqdeploy.models.registry import read_state_dict
+
+    state = {k.removeprefix("module."): v for k, v in read_state_dict(path).items()}
     # The shortcut buffers are not in the checkpoint: keep the ones the constructor made.
     for name, buf in model.named_buffers():
         if name.endswith("shortcut.source"):

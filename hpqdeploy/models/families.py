@@ -8,7 +8,8 @@ import torch
 
 from hpqdeploy.errors import UserError
 from hpqdeploy.models import cifar_resnet, hf_text, torchvision_zoo
-from hpqdeploy.models.registry import LoadedModel, ModelSpec, call_factory, image_collate, register_family
+from hpqdeploy.models.registry import (LoadedModel, ModelSpec, call_factory, image_collate, read_state_dict,
+                                       register_family)
 
 CIFAR_DEPTHS = {"resnet8": 8, "resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, "resnet110": 110}
 
@@ -59,9 +60,9 @@ def _hf_text(name: str, num_classes: int, weights: Path | None = None, pretraine
 def _factory(name: str, num_classes: int, input_shape=None, weights: Path | None = None, **_) -> LoadedModel:
     model = call_factory(name, num_classes=num_classes, in_channels=(input_shape or (3,))[0])
     if weights is not None:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        state = read_state_dict(weights)
         try:
-            model.load_state_dict(state.get("state_dict", state))
+            model.load_state_dict(state)
         except RuntimeError as exc:
             raise UserError(f"{weights} does not fit {name}: {str(exc).splitlines()[0][:160]}") from None
     spec = ModelSpec("factory", name, {"num_classes": num_classes, "input_shape": list(input_shape or (3, 32, 32))})

@@ -90,12 +90,21 @@ def load_model(name: str, *, num_classes: int, input_shape: tuple[int, ...] | No
     family = _family_of(name)
     if weights is not None and not Path(weights).is_file():
         raise UserError(f"weights file not found: {weights}")
+    return _BUILDERS[family](name=name, num_classes=num_classes, input_shape=input_shape, weights=weights,
+                             max_length=max_length, pretrained=pretrained)
+
+
+def read_state_dict(path: Path) -> dict:
+    """A checkpoint's state_dict (bare, or under a "state_dict" key), loaded with weights_only=True."""
     try:
-        return _BUILDERS[family](name=name, num_classes=num_classes, input_shape=input_shape, weights=weights,
-                                 max_length=max_length, pretrained=pretrained)
-    except (pickle.UnpicklingError, EOFError) as exc:  # torch.load on a file that is no checkpoint at all
-        raise UserError(f"{weights} is not a readable PyTorch checkpoint ({type(exc).__name__}); "
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, OSError) as exc:
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}); "
                         "pass a state_dict saved with torch.save") from None
+    state = blob.get("state_dict", blob) if isinstance(blob, dict) else blob
+    if not isinstance(state, dict):
+        raise UserError(f"{path} holds a {type(state).__name__}, not a state_dict")
+    return state
 
 
 def rebuild_model(spec: ModelSpec) -> LoadedModel:

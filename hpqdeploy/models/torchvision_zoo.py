@@ -21,8 +21,9 @@ def build(name: str, num_classes: int, weights: Path | None, pretrained: bool) -
 
     if weights is not None:
         model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        from hpqdeploy.models.registry import read_state_dict
+
+        state = read_state_dict(weights)
         try:
             model.load_state_dict(state)
         except RuntimeError:

@@ -1,0 +1,351 @@
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from hpqdeploy import artifact
+from hpqdeploy.data import DataRequest, load_data
+from hpqdeploy.errors import UserError
+from hpqdeploy.finetune import TrainConfig
+from hpqdeploy.metrics import count_macs, count_params, weight_bytes
+from hpqdeploy.models import ModelSpec, rebuild_model
+from hpqdeploy.pipeline import CompressOptions, DataOptions, run_compress, run_train
+from hpqdeploy.prune import GroupDecision, apply_pruning
+from hpqdeploy.quantize import _QuantMixin, quantizable_layers
+
+DIGITS = DataOptions("digits", calib_size=64, train_limit=256, eval_limit=100)
+
+
+def _compress_capturing(baseline: Path, out: Path, opts: CompressOptions, data=None):
+    """run_compress, also returning the in-memory model it saved."""
+    captured = {}
+    save = artifact.save
+
+    def spy(out_dir, loaded, *args, **kwargs):
+        captured["model"] = loaded.module
+        return save(out_dir, loaded, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(artifact, "save", spy)
+        metrics = run_compress(baseline, out, opts, data, quiet=True, command="pytest compress")
+    return metrics, captured["model"]
+
+
+@pytest.fixture(scope="module")
+def hybrid(digits_baseline, tmp_path_factory):
+    out = tmp_path_factory.mktemp("hybrid") / "hybrid"
+    opts = CompressOptions(method="hybrid", calib_batches=1, train=TrainConfig(epochs=1, batch_size=64, distill=0.9))
+    metrics, model = _compress_capturing(digits_baseline, out, opts)
+    return out, metrics, model
+
+
+def _digits_batch():
+    splits = load_data("digits", DataRequest(calib_size=64, eval_limit=32))
+    return torch.stack([splits.eval[i][0] for i in range(32)])
+
+
+def test_baseline_artifact(digits_baseline):
+    assert sorted(p.name for p in digits_baseline.iterdir()) == sorted(artifact.FILES)  # no checkpoint left over
+    assert not artifact.partial_dir(digits_baseline).exists()
+    a = artifact.load(digits_baseline)
+    assert a.plan["method"] == "baseline" and a.plan["pruning"] == [] and a.plan["quantization"] == {}
+    assert a.plan["model"] == {"family": "cifar_resnet", "name": "resnet20",
+                               "args": {"num_classes": 10, "input_shape": [1, 8, 8]}}
+    assert a.metrics["compression"] == 1.0
+    assert a.metrics["params"] == count_params(a.model.module)
+    assert a.model.module.conv1.in_channels == 1  # digits are grey
+    assert a.metrics["fp32_bytes"] == a.metrics["bytes"]["total"] == 4 * a.metrics["params"]
+    assert 0.0 <= a.metrics["accuracy"] <= 1.0 and a.metrics["eval_examples"] == 100
+    assert len(a.metrics["history"]) == 1
+    assert a.provenance["seed"] == 0 and a.provenance["command"] == "pytest digits_baseline"
+
+
+def test_reload_reproduces_the_logits(hybrid):
+    out, _, model = hybrid
+    x = _digits_batch()
+    model.eval()
+    loaded = artifact.load(out).model.module
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+
+def test_load_under_no_grad(hybrid):
+    x = _digits_batch()
+    with torch.no_grad():  # how deployment code loads a model
+        a = artifact.load(hybrid[0])
+        assert torch.equal(a.model.module(x), hybrid[2].eval()(x))
+
+
+def test_reloaded_model_is_pruned_and_quantized(hybrid):
+    out, _, model = hybrid
+    loaded = artifact.load(out).model.module
+    assert {n: tuple(p.shape) for n, p in loaded.named_parameters()} == \
+        {n: tuple(p.shape) for n, p in model.named_parameters()}
+    q = {n: m for n, m in quantizable_layers(loaded).items() if isinstance(m, _QuantMixin)}
+    assert len(q) == len(quantizable_layers(loaded)) == 20  # 19 convs + the classifier
+    for name, m in q.items():
+        ref = model.get_submodule(name)
+        assert torch.equal(m.w_bits, ref.w_bits) and torch.equal(m.w_clip, ref.w_clip)
+        assert torch.equal(m.act_range, ref.act_range) and torch.isfinite(m.act_range).all()
+
+
+def test_plan_json(hybrid):
+    out, _, model = hybrid
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["method"] == "hybrid" and plan["target"] == "generic" and plan["channel_multiple"] == 8
+    assert plan["data"]["name"] == "digits"
+    pruning = {d["name"]: d for d in plan["pruning"]}
+    assert any(d["kept"] < d["units"] for d in pruning.values())
+    for name, d in pruning.items():
+        assert model.get_submodule(name).out_channels == d["kept"]
+        assert len(d["removed"]) == d["units"] - d["kept"]
+        assert d["ratio"] == round(1 - d["kept"] / d["units"], 4)
+    quant = plan["quantization"]
+    assert set(quant) == set(quantizable_layers(model))
+    widths = set()
+    for name, q in quant.items():
+        m = model.get_submodule(name)
+        channels = sorted(c for run in q["bits"] for c in run["channels"])
+        assert channels == list(range(m.weight.shape[0])) == list(range(q["out_channels"]))
+        for run in q["bits"]:
+            widths.add(run["bits"])
+            assert all(int(m.w_bits[c]) == run["bits"] for c in run["channels"])
+        assert len(q["scales"]) == len(q["clip"]) == q["out_channels"]
+        assert all(s > 0 for s in q["scales"])
+        assert q["act_bits"] == 8 and q["act_range"][0] <= 0 <= q["act_range"][1]
+        assert q["op"] in ("Conv2d", "Linear")
+    assert widths == {4, 8}
+    assert set(plan["layer_sensitivity"]) == set(quant)
+    # The recorded scales are the ones the saved weights give.
+    assert artifact.describe_quantization(artifact.load(out).model.module) == quant
+
+
+def test_metrics_json(hybrid, digits_baseline):
+    out, returned, model = hybrid
+    metrics = json.loads((out / "metrics.json").read_text())
+    base = json.loads((digits_baseline / "metrics.json").read_text())
+    assert metrics == json.loads(json.dumps(returned))
+    loaded = artifact.load(out).model
+    assert metrics["params"] == count_params(loaded.module) < base["params"]
+    pruned = rebuild_model(ModelSpec.from_json(json.loads((out / "plan.json").read_text())["model"]))
+    apply_pruning(pruned.module, pruned.example_inputs, [GroupDecision.from_json(d) for d in
+                                                          json.loads((out / "plan.json").read_text())["pruning"]])
+    assert metrics["macs"] == count_macs(pruned.module, pruned.example_inputs) < base["macs"]  # float MACs
+    assert metrics["bytes"] == weight_bytes(loaded.module)
+    assert metrics["fp32_bytes"] == base["fp32_bytes"]
+    assert metrics["compression"] == round(base["fp32_bytes"] / metrics["bytes"]["total"], 3)
+    assert metrics["compression"] > 8  # about half the weights at 4 bits, the rest 8, after pruning
+    assert metrics["params_ratio"] == round(metrics["params"] / base["params"], 4) < 0.8
+    assert metrics["bytes_ratio"] == round(metrics["bytes"]["total"] / base["fp32_bytes"], 4)
+    assert metrics["macs_ratio"] < 1
+    assert metrics["baseline"]["accuracy"] == base["accuracy"]
+    assert metrics["accuracy_drop"] == round(base["accuracy"] - metrics["accuracy"], 4)
+    assert 0.5 <= metrics["low_bit_share"] <= 0.6
+    assert len(metrics["history"]) == 1
+
+
+def test_provenance_json(hybrid, digits_baseline):
+    out, _, _ = hybrid
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["command"] == "pytest compress"
+    assert prov["seed"] == 0 and prov["baseline"] == str(digits_baseline)
+    assert prov["config"]["method"] == "hybrid" and prov["config"]["prune_ratio"] == 0.3
+    assert prov["config"]["data"]["name"] == "digits"
+    assert {"torch", "torch-pruning", "numpy"} <= set(prov["versions"])
+    assert prov["versions"]["torch"] == torch.__version__.split("+")[0] or prov["versions"]["torch"] == torch.__version__
+    assert prov["python"] and prov["platform"] and prov["threads"] >= 1
+
+
+def test_no_partial_dir_left(hybrid):
+    out, _, _ = hybrid
+    assert sorted(p.name for p in out.iterdir()) == sorted(artifact.FILES)
+    assert not artifact.partial_dir(out).exists()
+    assert [p.name for p in out.parent.iterdir()] == [out.name]
+
+
+@pytest.mark.parametrize("method", ["prune", "quant"])
+def test_prune_only_and_quant_only_round_trip(method, digits_baseline, tmp_path):
+    opts = CompressOptions(method=method, calib_batches=1, train=TrainConfig(epochs=0))
+    metrics, model = _compress_capturing(digits_baseline, tmp_path / method, opts)
+    a = artifact.load(tmp_path / method)
+    x = _digits_batch()
+    with torch.no_grad():
+        assert torch.equal(a.model.module(x), model.eval()(x))
+    if method == "prune":
+        assert a.plan["quantization"] == {} and metrics["params_ratio"] < 0.8 and metrics["low_bit_share"] == 0.0
+        assert metrics["compression"] == pytest.approx(1 / metrics["params_ratio"], rel=0.01)
+    else:
+        assert a.plan["pruning"] == [] and metrics["params_ratio"] == 1.0 and metrics["compression"] > 5
+
+
+# ---------------------------------------------------------------- broken artifacts
+
+
+@pytest.fixture
+def copy_of(tmp_path, hybrid):
+    out = tmp_path / "copy"
+    shutil.copytree(hybrid[0], out)
+    return out
+
+
+def test_corrupt_plan_json(copy_of):
+    (copy_of / "plan.json").write_text('{"model": {"family": "cifar_resnet", ')
+    with pytest.raises(UserError, match="corrupt"):
+        artifact.load(copy_of)
+
+
+def test_plan_without_model(copy_of):
+    plan = json.loads((copy_of / "plan.json").read_text())
+    del plan["model"]
+    (copy_of / "plan.json").write_text(json.dumps(plan))
+    with pytest.raises(UserError, match="corrupt"):
+        artifact.load(copy_of)
+
+
+def test_plan_naming_unknown_layers(copy_of):
+    plan = json.loads((copy_of / "plan.json").read_text())
+    plan["pruning"][0]["name"] = "layer9.0.conv1"
+    (copy_of / "plan.json").write_text(json.dumps(plan))
+    with pytest.raises(UserError, match="do not match"):
+        artifact.load(copy_of)
+
+
+@pytest.mark.parametrize("name", artifact.FILES)
+def test_missing_file(name, copy_of):
+    (copy_of / name).unlink()
+    with pytest.raises(UserError, match=f"missing {name}"):
+        artifact.load(copy_of)
+
+
+def test_weights_of_another_model(copy_of, digits_baseline):
+    shutil.copy(digits_baseline / "model.safetensors", copy_of / "model.safetensors")  # unpruned, unquantized
+    with pytest.raises(UserError, match="weights do not match the plan"):
+        artifact.load(copy_of)
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00" * 7, os.urandom(4096)], ids=["empty", "short", "random"])
+def test_unreadable_weights(content, copy_of):
+    (copy_of / "model.safetensors").write_bytes(content)
+    with pytest.raises(UserError, match="weights do not match the plan"):
+        artifact.load(copy_of)
+
+
+def test_not_a_directory(tmp_path):
+    with pytest.raises(UserError, match="not a directory"):
+        artifact.load(tmp_path / "nothing")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="not a directory"):
+        artifact.load(tmp_path / "file")
+    with pytest.raises(UserError, match="missing model.safetensors, plan.json"):
+        artifact.load(tmp_path)
+
+
+def test_output_dir_exists(tmp_path, digits_baseline, hybrid):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match="exists"):
+        run_train("resnet20", DIGITS, taken, TrainConfig(epochs=0), quiet=True)
+    with pytest.raises(UserError, match="exists"):
+        run_compress(digits_baseline, taken, CompressOptions(train=TrainConfig(epochs=0)), quiet=True)
+    with pytest.raises(UserError, match="exists"):
+        run_compress(digits_baseline, hybrid[0], CompressOptions(train=TrainConfig(epochs=0)), quiet=True)
+    assert [p.name for p in taken.iterdir()] == ["keep.txt"]
+    assert not artifact.partial_dir(taken).exists()
+
+
+def test_compressing_a_compressed_artifact_is_refused(hybrid, tmp_path):
+    with pytest.raises(UserError, match="hybrid artifact"):
+        run_compress(hybrid[0], tmp_path / "again", CompressOptions(train=TrainConfig(epochs=0)), quiet=True)
+    assert not (tmp_path / "again").exists() and not artifact.partial_dir(tmp_path / "again").exists()
+
+
+@pytest.mark.parametrize("field, value", [("method", "nosuch"), ("prune_ratio", 0.0), ("prune_ratio", 1.0),
+                                          ("importance", "nosuch"), ("target", "nosuch")])
+def test_bad_options_leave_nothing_behind(field, value, digits_baseline, tmp_path):
+    opts = CompressOptions(train=TrainConfig(epochs=0))
+    setattr(opts, field, value)
+    with pytest.raises(UserError):
+        run_compress(digits_baseline, tmp_path / "out", opts, quiet=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("distill, temperature", [(1.0, 4.0), (-0.1, 4.0), (0.5, 0.0)])
+def test_bad_distillation_options(distill, temperature, digits_baseline, tmp_path):
+    opts = CompressOptions(train=TrainConfig(epochs=0, distill=distill, temperature=temperature))
+    with pytest.raises(UserError, match="--distill"):
+        run_compress(digits_baseline, tmp_path / "out", opts, quiet=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bits_the_target_cannot_run_leave_nothing_behind(digits_baseline, tmp_path):
+    opts = CompressOptions(bits=(4,), target="tensorrt", calib_batches=1, train=TrainConfig(epochs=0))
+    with pytest.raises(UserError, match="tensorrt"):
+        run_compress(digits_baseline, tmp_path / "out", opts, quiet=True)
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- a text model: tokenizer and heads
+
+
+WORDS = "good great fine fun bad awful dull poor the a movie film plot was is very not".split()
+
+
+@pytest.fixture(scope="module")
+def tiny_text_setup(tmp_path_factory):
+    """A local Hugging Face directory (tiny BERT + word-piece tokenizer) and a tiny SST-2 in GLUE's tsv layout."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+    root = tmp_path_factory.mktemp("text")
+    hf_dir = root / "tiny-bert"
+    hf_dir.mkdir()
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(str(hf_dir))
+    torch.manual_seed(0)
+    cfg = BertConfig(hidden_size=64, num_attention_heads=4, intermediate_size=128, num_hidden_layers=2,
+                     vocab_size=5 + len(WORDS), num_labels=2, max_position_embeddings=64)
+    BertForSequenceClassification(cfg).save_pretrained(str(hf_dir))
+    data_dir = root / "sst2"
+    data_dir.mkdir()
+    rng = torch.Generator().manual_seed(0)
+    for split, n in (("train", 96), ("dev", 24)):
+        rows = ["sentence\tlabel"]
+        for i in range(n):
+            label = i % 2
+            word = WORDS[int(torch.randint(0, 4, (1,), generator=rng)) + (0 if label else 4)]
+            rows.append(f"the movie was very {word}\t{label}")
+        (data_dir / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+    return hf_dir, data_dir
+
+
+def test_text_artifact_round_trip(tiny_text_setup, tmp_path):
+    hf_dir, data_dir = tiny_text_setup
+    source = tmp_path / "source"
+    shutil.copytree(hf_dir, source)
+    data = DataOptions("sst2", data_dir=str(data_dir), calib_size=16)
+    run_train(str(source), data, tmp_path / "base", TrainConfig(epochs=1, lr=5e-5, batch_size=16), max_length=16,
+              quiet=True)
+    assert (tmp_path / "base" / "tokenizer").is_dir()
+    opts = CompressOptions(method="hybrid", prune_ratio=0.5, calib_batches=1,
+                           train=TrainConfig(epochs=1, lr=5e-5, batch_size=16))
+    metrics, model = _compress_capturing(tmp_path / "base", tmp_path / "hybrid", opts)
+    shutil.rmtree(tmp_path / "base")  # the compressed artifact needs neither its baseline nor the model's source
+    shutil.rmtree(source)
+    a = artifact.load(tmp_path / "hybrid")
+    assert a.model.tokenizer is not None
+    enc = a.model.tokenizer(["the movie was very good", "a dull plot"], padding=True, return_tensors="pt")
+    inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+    assert (enc["input_ids"] != 1).all()  # every word is in the saved vocabulary, none is [UNK]
+    with torch.no_grad():
+        assert torch.equal(a.model.module(**inputs), model.eval()(**inputs))
+    kinds = {}
+    for d in a.plan["pruning"]:
+        kinds.setdefault(d["kind"], []).append(d["kept"])
+    assert kinds == {"heads": [2, 2], "ffn": [64, 64]}
+    for layer in a.model.module.hf.bert.encoder.layer:
+        assert layer.attention.self.num_attention_heads == 2 and layer.attention.self.query.out_features == 32
+        assert layer.intermediate.dense.out_features == 64
+    assert metrics["params_ratio"] < 1 and metrics["compression"] > 4
