@@ -18,8 +18,9 @@ RUNTIMES = ["onnxruntime", "openvino", "executorch", "tensorrt"]
 @pytest.fixture(scope="module")
 def tiny_hybrid(tmp_path_factory):
     root = tmp_path_factory.mktemp("lowering")
-    data = DataOptions("digits", calib_size=128, train_limit=256, eval_limit=96)
-    run_train("resnet8", data, root / "baseline", TrainConfig(epochs=2, batch_size=64), quiet=True)
+    # trained well enough that predictions are not near-ties (agreement on a 30%-accurate model is a coin flip)
+    data = DataOptions("digits", calib_size=128, eval_limit=96)
+    run_train("resnet8", data, root / "baseline", TrainConfig(epochs=4, batch_size=64), quiet=True)
     opts = CompressOptions(method="hybrid", train=TrainConfig(epochs=1, batch_size=64), calib_batches=2)
     run_compress(root / "baseline", root / "hybrid", opts, quiet=True)
     return root
