@@ -1,18 +1,21 @@
 """The plan, re-expressed in the quantization flows ExecuTorch's XNNPACK delegate understands.
 
-A legalized fake-quant model becomes a float model plus two quantization recipes:
+A legalized fake-quant model becomes a float model plus the recipe for each quantized layer:
 
-- 8-bit layers with static activations: the float twin's weight is pre-clipped to the plan's range (+-127 steps),
-  so the PT2E `XNNPACKQuantizer`'s symmetric per-channel min/max weight observer reproduces the plan's scale and
-  integer weights exactly. The observer at each such layer's input is replaced by a min/max observer holding the
-  plan's `act_range` (the plan's activation scale and zero point), unless XNNPACK shares that observer with a tensor
-  of another value (a pooling op's input, say); those, and the quantization points XNNPACK adds where the plan has
-  none (layer outputs, residual adds), are calibrated on the calibration split.
+- 8-bit layers with static activations: the PT2E `XNNPACKQuantizer` (symmetric per-channel weights). The float
+  twin's weight is pre-clipped to the plan's range (+-127 steps), and after calibration each layer's weight observer
+  is set to the plan's scales, so the integer weights and scales XNNPACK stores are the plan's. The observer at each
+  such layer's input is set to the plan's `act_range` (its activation scale and zero point), unless XNNPACK shares it
+  with a tensor of another value (a pooling op's input, say); those, and the quantization points XNNPACK adds where
+  the plan has none (layer outputs, residual adds), are calibrated on the calibration split.
 - layers with dynamic activations (4-bit linear weights here, and every part of a split layer that had them): torchao
   `Int8DynamicActivationIntxWeightConfig` (int8 per-token activations, intx weights per group or per channel), whose
   integer weights and scales are then overwritten with the plan's (torchao's own symmetric mapping divides by 7.5
   steps at 4 bits, the plan by 7).
-- layers with float activations run float, holding the plan's dequantized weights.
+- embeddings (weights only, read outside XNNPACK): torchao `IntxWeightOnlyConfig` with the plan's integers and scales,
+  fused by ExecuTorch into its quantized embedding kernels (`quantized_decomposed::embedding_byte` / `_4bit`).
+- other layers with float activations run float, holding the plan's dequantized weights (XNNPACK computes
+  weight-only intx linear layers wrongly, see RUNTIME-NOTES).
 """
 
 from __future__ import annotations
@@ -25,24 +28,28 @@ import torch.fx
 import torch.nn as nn
 
 from hpqdeploy.errors import UserError
-from hpqdeploy.lower.legalize import SplitEmbedding, SplitLinear
 from hpqdeploy.lower.torch_prep import QuantParams, fold_batchnorm, quant_params
 from hpqdeploy.models.cifar_resnet import ChannelMapShortcut
 from hpqdeploy.quantize import _QuantMixin, quantize_weight
 
-STATIC, DYNAMIC, FLOAT = "static int8", "dynamic int8 activations", "float"
+STATIC, DYNAMIC, WEIGHT_ONLY, FLOAT = "static int8", "dynamic int8 activations", "weight-only", "float"
 _WEIGHT_OPS = (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)
 _FUSED_ACTIVATIONS = (torch.ops.aten.relu.default, torch.ops.aten.hardtanh.default)
+# Smallest weight scale passed to XNNPACK (its quantizer clamps at 2^-12, which would coarsen the plan's scales of
+# channels with small weights; below 2^-20 a channel is dead, and the int32 bias it implies could overflow).
+_WEIGHT_EPS = 2.0**-20
 
 
 @dataclass
 class LayerPlan:
-    role: str  # STATIC | DYNAMIC | FLOAT
+    role: str  # STATIC | DYNAMIC | WEIGHT_ONLY | FLOAT
     params: QuantParams
     act_range: tuple[float, float]
 
 
 def _role(name: str, m: _QuantMixin, p: QuantParams) -> str:
+    if isinstance(m, nn.Embedding):
+        return WEIGHT_ONLY
     if not p.act_bits:
         return FLOAT
     if p.act_dynamic:
@@ -63,7 +70,7 @@ def _float_layer(m: _QuantMixin, role: str, p: QuantParams) -> nn.Module:
     w = m.weight.detach()
     if role == FLOAT:
         w = quantize_weight(w, m.w_bits, m.w_clip, m.group_size)
-    else:  # clipped to the plan's largest level, so a min/max observer finds the plan's scale
+    else:  # clipped to the plan's range, as the plan's quantizer clips it
         step = p.scales.repeat_interleave(p.group_size or w[0].numel(), dim=1).view_as(w)
         top = step * (2 ** (p.bits - 1) - 1)
         w = torch.clamp(w, -top, top)
@@ -78,16 +85,6 @@ def _float_layer(m: _QuantMixin, role: str, p: QuantParams) -> nn.Module:
     if getattr(m, "bias", None) is not None:
         twin.bias = nn.Parameter(m.bias.detach().clone(), requires_grad=False)
     return twin.eval()
-
-
-@torch.no_grad()
-def _merge_float_embedding(split: SplitEmbedding) -> nn.Embedding:
-    """All parts float: one table with every token's dequantized row in place reproduces the split exactly."""
-    parts = [quantize_weight(p.weight, p.w_bits, p.w_clip, p.group_size) for p in split.parts]
-    table = torch.stack([parts[int(i)][int(r)] for i, r in zip(split.table, split.row)])
-    emb = nn.Embedding(*table.shape)
-    emb.weight = nn.Parameter(table, requires_grad=False)
-    return emb
 
 
 @torch.no_grad()
@@ -107,8 +104,28 @@ def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, attr, new)
 
 
-def float_twin(model: nn.Module) -> tuple[nn.Module, dict[str, LayerPlan], list[str]]:
-    """A float copy of `model` (BN folded) and, per quantized layer of the copy, how XNNPACK is to run it."""
+def _output_layers(model: nn.Module, example_inputs) -> set[str]:
+    """The quantized layers whose output is the model's output (the logits), found by one forward pass."""
+    from hpqdeploy.importance import forward
+
+    outputs: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_hook(lambda _m, _i, out, name=name: outputs.__setitem__(name, out))
+             for name, m in model.named_modules() if isinstance(m, _QuantMixin)]
+    try:
+        with torch.no_grad():
+            result = forward(model, example_inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {name for name, out in outputs.items() if out.data_ptr() == result.data_ptr() and out.shape == result.shape}
+
+
+def float_twin(model: nn.Module, example_inputs=None) -> tuple[nn.Module, dict[str, LayerPlan], list[str]]:
+    """A float copy of `model` (BN folded) and, per quantized layer of the copy, how XNNPACK is to run it.
+
+    A static int8 linear layer that produces the model's output runs with dynamic activations instead: XNNPACK's
+    static int8 would quantize the logits themselves to 8 bits over a calibrated range (clipping confident logits,
+    rounding near ties together); the dynamic kernel returns them in float32."""
     twin = copy.deepcopy(model).eval()
     notes = []
     folded = fold_batchnorm(twin)
@@ -117,34 +134,39 @@ def float_twin(model: nn.Module) -> tuple[nn.Module, dict[str, LayerPlan], list[
     plans: dict[str, LayerPlan] = {}
     rewritten = 0
     for name, m in list(twin.named_modules()):
-        if isinstance(m, SplitEmbedding) and all(not int(p.act_bits) for p in m.parts):
-            _replace(twin, name, _merge_float_embedding(m))
-        elif isinstance(m, ChannelMapShortcut):
+        if isinstance(m, ChannelMapShortcut):
             _replace(twin, name, _selection_conv(m))
             rewritten += 1
     if rewritten:
         notes.append(f"{rewritten} channel-map shortcuts (strided slice + pad + index_select) rewritten as exact "
                      "one-hot 1x1 strided float convolutions, so XNNPACK runs them")
+    output_layers = _output_layers(twin, example_inputs) if example_inputs is not None else set()
     for name, m in list(twin.named_modules()):
         if isinstance(m, _QuantMixin):
             p = quant_params(m)
             role = _role(name, m, p)
+            if role == STATIC and name in output_layers and isinstance(m, nn.Linear):
+                role = DYNAMIC
+                notes.append(f"{name} produces the logits: it runs with dynamic int8 activations (float32 output) "
+                             "instead of static int8, whose output would be the logits quantized to 8 bits")
             plans[name] = LayerPlan(role, p, (float(m.act_range[0]), float(m.act_range[1])))
             _replace(twin, name, _float_layer(m, role, p))
     return twin, plans, notes
 
 
-def apply_dynamic(model: nn.Module, plans: dict[str, LayerPlan]) -> int:
-    """torchao's int8-dynamic-activation / intx-weight linear for every DYNAMIC layer, holding the plan's numbers."""
-    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, PerAxis, PerGroup, quantize_
+def apply_torchao(model: nn.Module, plans: dict[str, LayerPlan]) -> None:
+    """torchao's intx tensors for the DYNAMIC and WEIGHT_ONLY layers, then the plan's integers and scales in them."""
+    from torchao.quantization import (Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, PerAxis, PerGroup,
+                                      quantize_)
 
-    groups: dict[tuple[int, int | None], set[str]] = {}
+    groups: dict[tuple[str, int, int | None], set[str]] = {}
     for name, lp in plans.items():
-        if lp.role == DYNAMIC:
-            groups.setdefault((lp.params.bits, lp.params.group_size), set()).add(name)
-    for (bits, group), names in groups.items():
-        config = Int8DynamicActivationIntxWeightConfig(weight_dtype=getattr(torch, f"int{bits}"),
-                                                       weight_granularity=PerGroup(group) if group else PerAxis(0))
+        if lp.role in (DYNAMIC, WEIGHT_ONLY):
+            groups.setdefault((lp.role, lp.params.bits, lp.params.group_size), set()).add(name)
+    for (role, bits, group), names in groups.items():
+        dtype, granularity = getattr(torch, f"int{bits}"), PerGroup(group) if group else PerAxis(0)
+        config = Int8DynamicActivationIntxWeightConfig(weight_dtype=dtype, weight_granularity=granularity) \
+            if role == DYNAMIC else IntxWeightOnlyConfig(weight_dtype=dtype, granularity=granularity)
         quantize_(model, config, filter_fn=lambda _m, fqn, names=names: fqn in names)
         for name in names:
             weight, p = model.get_submodule(name).weight, plans[name].params
@@ -154,7 +176,6 @@ def apply_dynamic(model: nn.Module, plans: dict[str, LayerPlan]) -> int:
             weight.qdata.copy_(p.int_weight)
             weight.scale.copy_(p.scales.to(weight.scale.dtype))
             weight.zero_point.zero_()
-    return sum(len(n) for n in groups.values())
 
 
 def _weight_owner(node: torch.fx.Node) -> str | None:
@@ -175,13 +196,44 @@ def static_quantizer(static: set[str], modality: str):
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (XNNPACKQuantizer,
                                                                          get_symmetric_quantization_config)
 
+    class PlanQuantizer(XNNPACKQuantizer):
+        def transform_for_annotation(self, model):
+            return _float_scalars_to_attrs(model)
+
     def annotate(node: torch.fx.Node) -> bool:
         if node.target in _WEIGHT_OPS:
             return _weight_owner(node) in static
         return modality == "image" or node.target in _FUSED_ACTIVATIONS
 
-    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    quantizer = PlanQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
     return quantizer.set_filter_function(annotate)
+
+
+def _float_scalars_to_attrs(model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """XNNPACKQuantizer's own transform (scalar operands of add/mul become tensor attributes, so they can be
+    quantized), restricted to floating-point ops: it also turns integer index arithmetic (transformers' attention
+    mask) into float, which then fails as an index."""
+    from torchao.quantization.pt2e.utils import get_new_attr_name_with_prefix
+
+    for node in list(model.graph.nodes):
+        val = node.meta.get("val")
+        if (node.op != "call_function" or node.target not in (torch.ops.aten.add.Tensor, torch.ops.aten.mul.Tensor)
+                or not isinstance(val, torch.Tensor) or not val.is_floating_point()):
+            continue
+        args = []
+        for arg in node.args:
+            if not isinstance(arg, torch.fx.Node):
+                name = get_new_attr_name_with_prefix("_tensor_constant_")(model)
+                constant = torch.tensor(float(arg))
+                model.register_buffer(name, constant)
+                with model.graph.inserting_before(node):
+                    arg_node = model.graph.create_node("get_attr", name, (), {})
+                arg_node.meta["val"] = val.fake_mode.from_tensor(constant, static_shapes=True)
+                arg = arg_node
+            args.append(arg)
+        node.args = tuple(args)
+    model.recompile()
+    return model
 
 
 def _is_observer(module: nn.Module) -> bool:
@@ -189,40 +241,51 @@ def _is_observer(module: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def keep_plan_activation_ranges(prepared: torch.fx.GraphModule, plans: dict[str, LayerPlan]) -> tuple[int, list[str]]:
-    """Replace the calibrated observer at each static layer's input with a min/max observer holding the plan's
-    `act_range`. Returns how many layers kept the plan's range, and the layers whose observer XNNPACK shares with
-    another tensor (left calibrated: forcing the plan's range there would clip that other tensor)."""
-    from torchao.quantization.pt2e.observer import MinMaxObserver
+def keep_plan_ranges(prepared: torch.fx.GraphModule, plans: dict[str, LayerPlan]) -> tuple[int, list[str]]:
+    """Make the calibrated PT2E model quantize the plan's static layers with the plan's own scales.
+
+    Weights: each layer's per-channel observer is replaced by one holding +-qmax * the plan's scale (pre-clipping
+    alone does not do it where legalization raised 4-bit channels to 8 bits with a clip above 1, keeping their 4-bit
+    values on a 4-bit-sized step). Activations: the observer at each layer's input is replaced by a min/max observer
+    holding the plan's `act_range`, unless XNNPACK shares that observer with a tensor of another value (a pooling
+    op's input, say): forcing the range there would clip that other tensor, so it stays calibrated.
+    Returns how many layers kept the plan's activation range, and the layers left calibrated (shared observers, or
+    a layer the plan never observed)."""
+    from torchao.quantization.pt2e.observer import MinMaxObserver, PerChannelMinMaxObserver
 
     modules = dict(prepared.named_modules(remove_duplicate=False))  # one observer may have several names
     observed_by: dict[int, set] = {}  # observer instance -> the nodes it observes
     for node in prepared.graph.nodes:
         if node.op == "call_module" and _is_observer(modules[node.target]):
             observed_by.setdefault(id(modules[node.target]), set()).add(node.args[0])
-    ranges: dict[int, tuple[nn.Module, float, float]] = {}
-    shared = []
-    static_layers = 0
+    replace: dict[int, nn.Module] = {}  # observer instance -> its replacement
+    act_ranges: dict[int, tuple[float, float]] = {}
+    shared, static_layers = [], 0
     for node in prepared.graph.nodes:
         owner = _weight_owner(node) if node.target in _WEIGHT_OPS else None
         if owner not in plans or plans[owner].role != STATIC:
             continue
-        obs_node = node.args[0]
-        obs = modules.get(obs_node.target) if obs_node.op == "call_module" else None
-        if obs is None or not _is_observer(obs) or len(observed_by[id(obs)]) != 1:
-            shared.append(owner)
-            continue
-        lo, hi = plans[owner].act_range
-        if id(obs) in ranges:  # several layers read one tensor: their plan ranges come from it; take the union
-            _, lo0, hi0 = ranges[id(obs)]
-            lo, hi = min(lo, lo0), max(hi, hi0)
-        ranges[id(obs)] = (obs, lo, hi)
         static_layers += 1
-    for key, (obs, lo, hi) in ranges.items():
-        fixed = MinMaxObserver(dtype=obs.dtype, quant_min=obs.quant_min, quant_max=obs.quant_max,
-                               qscheme=obs.qscheme, eps=float(obs.eps))
-        fixed(torch.tensor([lo, hi]))
-        for name, module in modules.items():
-            if id(module) == key:
-                _replace(prepared, name, fixed)
-    return static_layers, shared
+        p = plans[owner].params
+        old = modules[node.args[1].target]
+        top = p.scales.flatten() * float(2 ** (p.bits - 1) - 1)
+        weight_obs = PerChannelMinMaxObserver(ch_axis=0, dtype=old.dtype, qscheme=old.qscheme,
+                                              quant_min=old.quant_min, quant_max=old.quant_max, eps=_WEIGHT_EPS)
+        weight_obs(torch.stack([-top, top], dim=1))
+        replace[id(old)] = weight_obs
+        act = modules.get(node.args[0].target) if node.args[0].op == "call_module" else None
+        lo, hi = plans[owner].act_range
+        if act is None or not _is_observer(act) or len(observed_by[id(act)]) != 1 or not lo <= hi < float("inf"):
+            shared.append(owner)  # shared, or a range the plan never observed
+            continue
+        if id(act) in act_ranges:  # several layers read one tensor: their plan ranges come from it; take the union
+            lo, hi = min(lo, act_ranges[id(act)][0]), max(hi, act_ranges[id(act)][1])
+        act_ranges[id(act)] = (lo, hi)
+        act_obs = MinMaxObserver(dtype=act.dtype, quant_min=act.quant_min, quant_max=act.quant_max,
+                                 qscheme=act.qscheme, eps=float(act.eps))
+        act_obs(torch.tensor([lo, hi]))
+        replace[id(act)] = act_obs
+    for name, module in modules.items():
+        if id(module) in replace:
+            _replace(prepared, name, replace[id(module)])
+    return static_layers - len(shared), shared

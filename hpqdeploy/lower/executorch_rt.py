@@ -14,6 +14,7 @@ import re
 import subprocess
 import tempfile
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +22,8 @@ import torch
 
 from hpqdeploy.errors import UserError
 from hpqdeploy.lower.base import Lowered, LoweringContext, Runtime, Session, register_runtime
-from hpqdeploy.lower.executorch_quant import DYNAMIC, FLOAT, STATIC, apply_dynamic, float_twin, \
-    keep_plan_activation_ranges, static_quantizer
+from hpqdeploy.lower.executorch_quant import DYNAMIC, FLOAT, STATIC, WEIGHT_ONLY, apply_torchao, float_twin, \
+    keep_plan_ranges, static_quantizer
 
 TEXT_INPUTS = ("input_ids", "attention_mask")  # `TextClassifier.forward` order
 _PROGRAM = "model_b{}.pte"
@@ -30,6 +31,10 @@ _XNN_PRECISION = {"xnn_datatype_qcint8": "int8 per-channel", "xnn_datatype_qcint
                   "xnn_datatype_qbint4": "int4 per-group", "xnn_datatype_qint8": "int8 per-tensor",
                   "xnn_datatype_qint32": "int32 (bias)", "xnn_datatype_qcint32": "int32 (bias)",
                   "xnn_datatype_fp32": "float32", "xnn_datatype_fp16": "float16", "xnn_datatype_bf16": "bfloat16"}
+_NUMPY = {"xnn_datatype_qcint8": np.int8, "xnn_datatype_qint8": np.int8, "xnn_datatype_qint32": np.int32,
+          "xnn_datatype_qcint32": np.int32, "xnn_datatype_fp32": np.float32, "xnn_datatype_fp16": np.float16}
+_SCALAR_TYPES = {"FLOAT": "float32", "HALF": "float16", "BFLOAT16": "bfloat16", "CHAR": "int8", "BYTE": "uint8",
+                 "INT": "int32", "LONG": "int64", "BOOL": "bool"}
 _programs_loaded = False
 
 
@@ -63,24 +68,19 @@ def _quantize_static(model, plans, ctx: LoweringContext) -> tuple[torch.nn.Modul
     with torch.no_grad():
         for inputs, _ in ctx.calib:
             prepared(*_args(inputs))
-    kept, shared = keep_plan_activation_ranges(prepared, plans)
+    kept, shared = keep_plan_ranges(prepared, plans)
     notes = [f"activation scales: the plan's act_range kept at the input of {kept} static int8 layers"
              + (f"; calibrated on the calibration split ({len(ctx.calib)} batches) where XNNPACK shares the "
-                f"observer with another tensor: {', '.join(shared)}" if shared else "")
+                f"observer with another tensor (or the plan has no range): {', '.join(shared)}" if shared else "")
              + "; XNNPACK's extra quantization points (layer outputs"
              + (", adds, pools" if ctx.modality == "image" else "")
-             + f") calibrated on the same split (histogram observer)"]
+             + ") calibrated on the same split (histogram observer)"]
     return convert_pt2e(prepared), notes
 
 
-def _outside_delegates(graph) -> Counter:
-    ops = Counter()
-    for node in graph.nodes:
-        if node.op != "call_function" or "getitem" in str(node.target):
-            continue
-        if "executorch_call_delegate" not in str(node.target):
-            ops[str(getattr(node.target, "__name__", node.target))] += 1
-    return ops
+def _widths(plans, role: str) -> str:
+    return ", ".join(sorted({f"{p.params.bits}-bit" + (f" group {p.params.group_size}" if p.params.group_size else "")
+                             for p in plans.values() if p.role == role}))
 
 
 @register_runtime("executorch")
@@ -90,33 +90,43 @@ class ExecuTorchRuntime(Runtime):
 
     def lower(self, ctx: LoweringContext, out_dir: Path) -> Lowered:
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-        from executorch.exir import to_edge_transform_and_lower
+        from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
 
         self.require()
-        model, plans, notes = float_twin(ctx.model)
+        model, plans, notes = float_twin(ctx.model, ctx.example_inputs)
         roles = Counter(p.role for p in plans.values())
-        apply_dynamic(model, plans)
+        apply_torchao(model, plans)
         if roles[DYNAMIC]:
-            bits = sorted({f"{p.params.bits}-bit" + (f" group {p.params.group_size}" if p.params.group_size else "")
-                           for p in plans.values() if p.role == DYNAMIC})
-            notes.append(f"{roles[DYNAMIC]} linear layers ({', '.join(bits)} weights) through torchao "
+            grouped = any(p.params.group_size for p in plans.values() if p.role == DYNAMIC)
+            notes.append(f"{roles[DYNAMIC]} linear layer(s) ({_widths(plans, DYNAMIC)} weights) through torchao "
                          "Int8DynamicActivationIntxWeightConfig holding the plan's integer weights and scales; their "
-                         "activations are quantized per token at run time (the plan: per tensor)")
+                         "activations are quantized per token at run time (the plan: per tensor)"
+                         + ("; XNNPACK stores per-group scales as bfloat16 (rounded by <= 2^-8)" if grouped else ""))
+        if roles[WEIGHT_ONLY]:
+            notes.append(f"{roles[WEIGHT_ONLY]} embedding table(s) ({_widths(plans, WEIGHT_ONLY)}) through torchao "
+                         "IntxWeightOnlyConfig holding the plan's integers and scales, run by ExecuTorch's quantized "
+                         "embedding kernels (portable, outside XNNPACK)")
+        if not plans:
+            notes.append("no quantized layers in the plan: the program runs float32")
         if roles[FLOAT]:
-            notes.append(f"{roles[FLOAT]} layers with float activations run float, holding the plan's dequantized "
-                         "weights (stored as float32)")
+            notes.append(f"{roles[FLOAT]} layer(s) with float activations run float, holding the plan's dequantized "
+                         "weights (stored as float32: XNNPACK's weight-only intx linear is unreliable)")
         try:
             if roles[STATIC]:
                 model, qnotes = _quantize_static(model, plans, ctx)
-                notes += [f"{roles[STATIC]} layers static int8 (PT2E XNNPACKQuantizer, symmetric per-channel "
+                notes += [f"{roles[STATIC]} layer(s) static int8 (PT2E XNNPACKQuantizer, symmetric per-channel "
                           "weights reproducing the plan's scales)"] + qnotes
             files = []
             for batch in sorted(set(ctx.batch_sizes)):
                 program = torch.export.export(model, _args(_rows(ctx.example_inputs, batch)))
                 edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
-                outside = _outside_delegates(edge.exported_program().graph_module.graph)
                 path = out_dir / _PROGRAM.format(batch)
-                path.write_bytes(edge.to_executorch().buffer)
+                fuse = ExecutorchBackendConfig(do_quant_fusion_and_const_prop=True)  # -> quantized embedding kernels
+                path.write_bytes(edge.to_executorch(fuse).buffer)
+                outside = read_program(path)["non_delegated_ops"]
+                if any(op.startswith("torchao::") for op in outside):
+                    raise UserError(f"ExecuTorch has no kernel for {sorted(outside)}: a quantized pattern was not "
+                                    "fused")
                 files.append(path)
                 notes.append(f"{path.name}: " + (", ".join(f"{op} x{n}" for op, n in sorted(outside.items()))
                                                  + " not delegated to XNNPACK" if outside
@@ -137,6 +147,7 @@ class ExecuTorchRuntime(Runtime):
         if not paths:
             raise UserError(f"{out_dir} holds no ExecuTorch program ({_PROGRAM.format('<N>')}); run export first")
         actual = _set_threads(threads)
+        _load_quantized_kernels()
         methods = {}
         for path in paths:
             try:
@@ -158,7 +169,7 @@ class ExecuTorchRuntime(Runtime):
                              "shapes, constant sizes); weights below are from " + paths[0].name,
                 "ops": first["ops"], "delegates": first["delegates"], "xnnpack_ops": first["xnnpack_ops"],
                 "non_delegated_ops": first["non_delegated_ops"], "weights": first["weights"],
-                "weight_bytes": first["weight_bytes"],
+                "weight_bytes": first["weight_bytes"], "other_constants": first["other_constants"],
                 "programs": {name: {k: v[k] for k in ("delegates", "non_delegated_ops", "bytes")}
                              for name, v in programs.items()}}
 
@@ -173,6 +184,18 @@ def _set_threads(threads: int) -> int:
                             f"be resized once a program is loaded; run with {threads} threads in a new process")
         portable_lib._unsafe_reset_threadpool(threads)
     return portable_lib._threadpool_get_thread_count()
+
+
+def _load_quantized_kernels() -> None:
+    """ExecuTorch's quantized kernels (the embedding_byte / embedding_4bit the programs call) ship as a library of
+    their own; loading it registers them with the runtime the Python bindings use."""
+    import ctypes
+
+    import executorch
+
+    library = Path(list(executorch.__path__)[0]) / "lib" / "libexecutorch_kernels_quantized.so"
+    if library.is_file():
+        ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)  # a second dlopen of one path is a no-op
 
 
 class ExecuTorchSession(Session):
@@ -201,79 +224,143 @@ class ExecuTorchSession(Session):
                 "backend": "XnnpackBackend"}
 
 
+@dataclass
+class XnnConstant:
+    """A constant tensor of an XNNPACK delegate, as stored: values decoded (int4 unpacked), scales as float32."""
+
+    precision: str
+    dims: tuple[int, ...]
+    nbytes: int  # values and scales on disk
+    values: np.ndarray
+    scales: np.ndarray | None
+
+
 def read_program(path: Path) -> dict:
     """Kernel calls, delegate calls and constant tensors of one `.pte`, read from its flatbuffers."""
-    from executorch.exir._serialize._program import _extract_delegate_payload, deserialize_pte_binary
     from executorch.exir.schema import DelegateCall, KernelCall, Tensor
 
-    data = path.read_bytes()
-    try:
-        plan = deserialize_pte_binary(data).program.execution_plan[0]
-    except Exception as exc:
-        raise UserError(f"{path} is not a readable ExecuTorch program: {_first_line(exc)}") from None
-    kernels, delegates = Counter(), Counter()
+    data, pte = _deserialize(path)
+    plan = pte.program.execution_plan[0]
+    kernels, delegates, embedding_tables = Counter(), Counter(), {}
     for chain in plan.chains:
         for instruction in chain.instructions:
             call = instruction.instr_args
             if isinstance(call, KernelCall):
                 op = plan.operators[call.op_index]
                 kernels[op.name + (f".{op.overload}" if op.overload else "")] += 1
+                if op.name.startswith("quantized_decomposed::embedding_"):  # (weight, scales, zero points, ...)
+                    embedding_tables[call.args[0]] = (op.name.rsplit("_", 1)[-1], call.args[1])
             elif isinstance(call, DelegateCall):
                 delegates[plan.delegates[call.delegate_index].id] += 1
-    weights, weight_bytes, xnn_ops = Counter(), Counter(), Counter()
-    for value in plan.values:  # constants the program itself holds, outside any delegate
+    weights, weight_bytes, other = Counter(), Counter(), Counter()
+    for index, value in enumerate(plan.values):  # constants outside any delegate (embeddings, norms, indices)
         t = value.val
-        if isinstance(t, Tensor) and t.data_buffer_idx > 0 and t.allocation_info is None:
-            label = f"{t.scalar_type.name.lower()} (outside delegates)"
-            weights[label] += math.prod(t.sizes)
-    for index in range(sum(1 for d in plan.delegates if "xnnpack" in d.id.lower())):
-        graph = _xnnpack_graph(_extract_delegate_payload(data, "xnnpack", index))
+        if not (isinstance(t, Tensor) and t.data_buffer_idx > 0 and t.allocation_info is None):
+            continue
+        kind = _SCALAR_TYPES.get(t.scalar_type.name, t.scalar_type.name.lower())
+        if index in embedding_tables:
+            width, scales = embedding_tables[index]
+            bits = {"byte": 8, "4bit": 4, "2bit": 2}.get(width, 8)
+            n_groups = plan.values[scales].val.sizes[-1] if len(plan.values[scales].val.sizes) > 1 else 1
+            columns = t.sizes[-1] * 8 // bits
+            grouping = f"per-group {columns // n_groups}" if n_groups > 1 else "per-channel"
+            label = f"int{bits} {grouping} (embedding, outside delegates)"
+            weights[label] += math.prod(t.sizes) * 8 // bits
+            weight_bytes[label] += math.prod(t.sizes)  # one byte per int8 value, or per two packed int4 values
+        elif kind.startswith(("float", "bfloat")):
+            weights[f"{kind} (outside delegates)"] += math.prod(t.sizes)
+            weight_bytes[f"{kind} (outside delegates)"] += math.prod(t.sizes) * (2 if "16" in kind else 4)
+        else:
+            other[f"{kind} (outside delegates)"] += math.prod(t.sizes)
+    xnn_ops = Counter()
+    for graph, payload in _xnnpack_graphs(data, pte):
         xnn_ops.update(node["xnode_union_type"] for node in graph.get("xnodes", []))
-        for label, elements, size in _xnnpack_constants(graph):
-            weights[label] += elements
-            weight_bytes[label] += size
-    ops = Counter(kernels)
-    ops.update({f"delegate:{k}": v for k, v in delegates.items()})
-    return {"ops": dict(ops), "delegates": dict(delegates), "non_delegated_ops": dict(kernels),
-            "xnnpack_ops": dict(xnn_ops), "weights": dict(weights), "weight_bytes": dict(weight_bytes),
+        for c in _xnnpack_constants(graph, payload, pte):
+            weights[c.precision] += c.values.size
+            weight_bytes[c.precision] += c.nbytes
+    return {"ops": dict(kernels + Counter({f"delegate:{k}": v for k, v in delegates.items()})),
+            "delegates": dict(delegates), "non_delegated_ops": dict(kernels), "xnnpack_ops": dict(xnn_ops),
+            "weights": dict(weights), "weight_bytes": dict(weight_bytes), "other_constants": dict(other),
             "bytes": len(data)}
 
 
-def _xnnpack_graph(payload: bytes | None) -> dict:
-    """An XNNPACK delegate's XNNGraph as JSON, decoded by flatc (shipped with executorch) with the delegate's schema."""
+def xnnpack_constants(path: Path) -> list[XnnConstant]:
+    """Every constant tensor (weights, biases) inside the XNNPACK delegates of one `.pte`."""
+    data, pte = _deserialize(path)
+    return [c for graph, payload in _xnnpack_graphs(data, pte) for c in _xnnpack_constants(graph, payload, pte)]
+
+
+def _deserialize(path: Path):
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    data = Path(path).read_bytes()
+    try:
+        return data, deserialize_pte_binary(data)
+    except Exception as exc:
+        raise UserError(f"{path} is not a readable ExecuTorch program: {_first_line(exc)}") from None
+
+
+def _xnnpack_graphs(data: bytes, pte):
+    """(XNNGraph as JSON, raw payload) per XNNPACK delegate, decoded by the flatc executorch ships, with the
+    delegate's own schema."""
     import importlib.resources
 
     from executorch.backends.xnnpack.serialization import xnnpack_graph_serialize as xgs
     from executorch.exir._serialize._flatbuffer import _get_flatc_path
+    from executorch.exir._serialize._program import _extract_delegate_payload
 
-    if not payload:
-        return {}
-    header = xgs.XNNHeader.from_bytes(payload[: xgs.XNNHeader.EXPECTED_LENGTH])
-    flat = payload[header.flatbuffer_offset: header.flatbuffer_offset + header.flatbuffer_size]
     schema = importlib.resources.files("executorch.backends.xnnpack.serialization").joinpath("schema.fbs")
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "schema.fbs").write_bytes(schema.read_bytes())
-        (Path(tmp) / "graph.bin").write_bytes(flat)
-        subprocess.run([_get_flatc_path(), "--json", "--strict-json", "--defaults-json", "-o", tmp,
-                        str(Path(tmp) / "schema.fbs"), "--", str(Path(tmp) / "graph.bin")],
-                       check=True, capture_output=True)
-        text = (Path(tmp) / "graph.json").read_text()
-    return json.loads(re.sub(r"(?<=[:\[,\s])(-?)(inf|nan)\b", lambda m: m[1] + {"inf": "Infinity", "nan": "NaN"}[m[2]],
-                             text))  # flatc writes bare inf/nan (clamp bounds), which JSON spells otherwise
+    count = sum(1 for d in pte.program.execution_plan[0].delegates if "xnnpack" in d.id.lower())
+    for index in range(count):
+        payload = _extract_delegate_payload(data, "xnnpack", index)
+        header = xgs.XNNHeader.from_bytes(payload[: xgs.XNNHeader.EXPECTED_LENGTH])
+        with tempfile.TemporaryDirectory() as tmp:
+            (Path(tmp) / "schema.fbs").write_bytes(schema.read_bytes())
+            (Path(tmp) / "graph.bin").write_bytes(
+                payload[header.flatbuffer_offset: header.flatbuffer_offset + header.flatbuffer_size])
+            subprocess.run([_get_flatc_path(), "--json", "--strict-json", "--defaults-json", "-o", tmp,
+                            str(Path(tmp) / "schema.fbs"), "--", str(Path(tmp) / "graph.bin")],
+                           check=True, capture_output=True)
+            text = (Path(tmp) / "graph.json").read_text()
+        # flatc writes bare inf/nan (clamp bounds); JSON spells them Infinity/NaN
+        text = re.sub(r"(?<=[:\[,\s])(-?)(inf|nan)\b", lambda m: m[1] + ("Infinity" if m[2] == "inf" else "NaN"), text)
+        yield json.loads(text), payload[header.constant_data_offset:]
 
 
-def _xnnpack_constants(graph: dict):
-    """(precision, elements, bytes) of every constant tensor (weights, biases) in an XNNGraph."""
-    sizes = [int(c.get("size", 0)) for c in graph.get("constant_data", [])]
+def _xnnpack_constants(graph: dict, constants: bytes, pte) -> list[XnnConstant]:
+    entries = graph.get("constant_data", [])
+    named = pte.named_data
+
+    def blob(index: int) -> bytes:
+        entry = entries[index]
+        if entry.get("named_key"):  # weights live in the program's named data store, shared by key
+            return named.buffers[named.pte_data[entry["named_key"]].buffer_index][: int(entry["size"])]
+        return constants[int(entry["offset"]): int(entry["offset"]) + int(entry["size"])]
+
+    out = []
     for value in graph.get("xvalues", []):
         body = value.get("xvalue_union", {})
         tensor = body.get("tensor_value", body)
         index = int(tensor.get("constant_buffer_idx", 0))
         if not index:
             continue
-        label = _XNN_PRECISION.get(tensor.get("datatype"), tensor.get("datatype", "?"))
+        dtype, dims = tensor.get("datatype", "?"), tuple(int(d) for d in tensor.get("dims", []))
         quant = body.get("quant_params", {})
-        if tensor.get("datatype") == "xnn_datatype_qbint4" and quant.get("group_size"):
-            label += f" {quant['group_size']}"
-        stored = [index, int(quant.get("scale_buffer_idx", 0))]  # the values, and their scales where kept apart
-        yield label, math.prod(int(d) for d in tensor.get("dims", [])), sum(sizes[i] for i in stored if 0 < i < len(sizes))
+        raw, scale_index = blob(index), int(quant.get("scale_buffer_idx", 0))
+        scales = None
+        if scale_index:
+            scale_raw = blob(scale_index)
+            scales = (np.frombuffer(scale_raw, np.uint16).astype(np.uint32) << 16).view(np.float32) \
+                if dtype == "xnn_datatype_qbint4" else np.frombuffer(scale_raw, np.float32)  # qb4w: bf16 scales
+        elif "scale" in quant:
+            scales = np.atleast_1d(np.asarray(quant["scale"], np.float32))
+        precision = _XNN_PRECISION.get(dtype, dtype)
+        if dtype in ("xnn_datatype_qbint4", "xnn_datatype_qcint4"):  # two per byte, +8, low nibble first
+            packed = np.frombuffer(raw, np.uint8)
+            values = (np.stack([packed & 0xF, packed >> 4], -1).reshape(dims[0], -1)[:, : dims[-1]].astype(np.int8) - 8)
+            precision += f" {quant['group_size']}" if quant.get("group_size") else ""
+        else:
+            values = np.frombuffer(raw, _NUMPY.get(dtype, np.uint8)).reshape(dims)
+        out.append(XnnConstant(precision, dims, len(raw) + (len(blob(scale_index)) if scale_index else 0), values,
+                               scales))
+    return out
