@@ -82,6 +82,11 @@ def collect(runs: Path) -> dict:
             prov = json.loads((d / "provenance.json").read_text())
             plan = json.loads((d / "plan.json").read_text())
             m.pop("history", None)
+            if m.get("params_by_part") is None and plan["model"]["family"] == "hf_text":
+                from hpqdeploy import artifact
+                from hpqdeploy.metrics import param_breakdown
+
+                m["params_by_part"] = param_breakdown(artifact.load(d).model.module)
             m["command"] = prov["command"]
             m["pruning"] = [{k: g[k] for k in ("name", "kind", "units", "kept", "ratio")} for g in plan["pruning"]]
             rows.append(m)
@@ -99,7 +104,13 @@ def markdown(results: dict, seconds: int) -> str:
     for name, blob in results.items():
         rows = blob["rows"]
         parts.append(f"### {name}\n\n{blob['note']}.\n\n{comparison_markdown(rows)}")
+        base = next((r for r in rows if r["method"] == "baseline"), None)
         for r in rows:
+            if base and r.get("params_by_part") and base.get("params_by_part"):
+                enc = r["params_by_part"]["encoder"] / base["params_by_part"]["encoder"]
+                parts.append(f"- {r['method']}: encoder params {r['params_by_part']['encoder']:,} "
+                             f"({enc:.3f}x of the baseline's); pruned: {r.get('pruned_dimensions') or '-'}; "
+                             "hidden size not pruned")
             if r["method"] != "baseline":
                 parts.append(f"- {r['method']}: params {r['params_ratio']:.3f}x, MACs {r['macs_ratio']:.3f}x, "
                              f"bytes {r['bytes_ratio']:.4f}x (1/{1 / r['bytes_ratio']:.1f}) of the baseline; "
