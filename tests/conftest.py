@@ -104,3 +104,18 @@ def digits_baseline(tmp_path_factory) -> Path:
     run_train("resnet20", DataOptions("digits", calib_size=64, train_limit=256, eval_limit=100), out,
               TrainConfig(epochs=1, batch_size=64), quiet=True, command="pytest digits_baseline")
     return out
+
+
+@pytest.fixture(scope="session")
+def digits_hybrid(tmp_path_factory) -> Path:
+    """A ResNet-8 baseline and hybrid on digits, trained past near-ties (agreement between a runtime and PyTorch is a
+    coin flip on a barely trained model); shared by the lowering tests. Holds `baseline/` and `hybrid/`."""
+    from hpqdeploy.finetune import TrainConfig
+    from hpqdeploy.pipeline import CompressOptions, DataOptions, run_compress, run_train
+
+    root = tmp_path_factory.mktemp("digits-hybrid")
+    data = DataOptions("digits", calib_size=128, eval_limit=96)
+    run_train("resnet8", data, root / "baseline", TrainConfig(epochs=5, batch_size=64), quiet=True)
+    opts = CompressOptions(method="hybrid", train=TrainConfig(epochs=2, batch_size=64, distill=0.9), calib_batches=2)
+    run_compress(root / "baseline", root / "hybrid", opts, quiet=True)
+    return root

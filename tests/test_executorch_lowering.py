@@ -19,13 +19,11 @@ pytest.importorskip("torchao")
 from hpqdeploy import artifact  # noqa: E402
 from hpqdeploy.errors import UserError  # noqa: E402
 from hpqdeploy.export import ExportOptions, run_export  # noqa: E402
-from hpqdeploy.finetune import TrainConfig  # noqa: E402
 from hpqdeploy.lower.base import LoweringContext, get_runtime  # noqa: E402
 from hpqdeploy.lower.executorch_quant import DYNAMIC, STATIC, WEIGHT_ONLY, apply_torchao, float_twin  # noqa: E402
 from hpqdeploy.lower.executorch_rt import xnnpack_constants  # noqa: E402
 from hpqdeploy.lower.legalize import SplitEmbedding, legalize  # noqa: E402
 from hpqdeploy.models.cifar_resnet import ChannelMapShortcut  # noqa: E402
-from hpqdeploy.pipeline import CompressOptions, DataOptions, run_compress, run_train  # noqa: E402
 from hpqdeploy.quantize import attach, calibrate, search_clip  # noqa: E402
 from hpqdeploy.targets import load_target  # noqa: E402
 
@@ -35,15 +33,10 @@ TARGET = load_target("executorch")
 
 
 @pytest.fixture(scope="module")
-def resnet_hybrid(tmp_path_factory):
-    """A ResNet-8 hybrid on digits, trained enough (about 95% / 94%) that top-1 agreement is not decided by ties."""
-    root = tmp_path_factory.mktemp("et-resnet")
-    data = DataOptions("digits", calib_size=64, train_limit=512, eval_limit=64)
-    run_train("resnet8", data, root / "baseline", TrainConfig(epochs=8, batch_size=64), quiet=True)
-    opts = CompressOptions(method="hybrid", train=TrainConfig(epochs=3, batch_size=64), calib_batches=2)
-    run_compress(root / "baseline", root / "hybrid", opts, quiet=True)
-    out = root / "hybrid-executorch"
-    return root / "hybrid", out, run_export(root / "hybrid", out, ExportOptions("executorch", batch_size=1), quiet=True)
+def resnet_hybrid(digits_hybrid, tmp_path_factory):
+    out = tmp_path_factory.mktemp("et-resnet") / "hybrid-executorch"
+    source = digits_hybrid / "hybrid"
+    return source, out, run_export(source, out, ExportOptions("executorch", batch_size=1), quiet=True)
 
 
 def test_resnet_hybrid_runs_entirely_in_xnnpack_and_agrees(resnet_hybrid):

@@ -8,22 +8,9 @@ import json
 import pytest
 
 from hpqdeploy.export import ExportOptions, run_export
-from hpqdeploy.finetune import TrainConfig
 from hpqdeploy.lower.base import get_runtime, runtime_names
-from hpqdeploy.pipeline import CompressOptions, DataOptions, run_compress, run_train
 
 RUNTIMES = ["onnxruntime", "openvino", "executorch", "tensorrt"]
-
-
-@pytest.fixture(scope="module")
-def tiny_hybrid(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lowering")
-    # trained well enough that predictions are not near-ties (agreement on a 30%-accurate model is a coin flip)
-    data = DataOptions("digits", calib_size=128, eval_limit=96)
-    run_train("resnet8", data, root / "baseline", TrainConfig(epochs=4, batch_size=64), quiet=True)
-    opts = CompressOptions(method="hybrid", train=TrainConfig(epochs=1, batch_size=64), calib_batches=2)
-    run_compress(root / "baseline", root / "hybrid", opts, quiet=True)
-    return root
 
 
 def _runtime_or_skip(name):
@@ -38,10 +25,10 @@ def _runtime_or_skip(name):
 
 @pytest.mark.parametrize("target", RUNTIMES)
 @pytest.mark.parametrize("source", ["baseline", "hybrid"])
-def test_lowered_artifact_agrees_with_pytorch(tiny_hybrid, tmp_path, target, source):
+def test_lowered_artifact_agrees_with_pytorch(digits_hybrid, tmp_path, target, source):
     _runtime_or_skip(target)
     out = tmp_path / f"{source}-{target}"
-    report = run_export(tiny_hybrid / source, out, ExportOptions(target, batch_size=16), quiet=True)
+    report = run_export(digits_hybrid / source, out, ExportOptions(target, batch_size=16), quiet=True)
     assert (out / "export.json").is_file()
     assert json.loads((out / "export.json").read_text())["runtime"] == target
     assert report["eval_examples"] == 96

@@ -16,12 +16,10 @@ from conftest import bert_inputs, make_tiny_bert  # noqa: E402
 
 from hpqdeploy.errors import UserError  # noqa: E402
 from hpqdeploy.export import ExportOptions, run_export  # noqa: E402
-from hpqdeploy.finetune import TrainConfig  # noqa: E402
 from hpqdeploy.lower import torch_prep  # noqa: E402
 from hpqdeploy.lower.base import LoweringContext, get_runtime  # noqa: E402
 from hpqdeploy.lower.legalize import legalize  # noqa: E402
 from hpqdeploy.lower.openvino_rt import OpenVINORuntime  # noqa: E402
-from hpqdeploy.pipeline import CompressOptions, DataOptions, run_compress, run_train  # noqa: E402
 from hpqdeploy.quantize import attach, calibrate  # noqa: E402
 from hpqdeploy.targets import load_target  # noqa: E402
 
@@ -29,14 +27,10 @@ OV = load_target("openvino")
 
 
 @pytest.fixture(scope="module")
-def resnet_export(tmp_path_factory):
-    root = tmp_path_factory.mktemp("openvino")
-    data = DataOptions("digits", calib_size=128, train_limit=256, eval_limit=96)
-    run_train("resnet8", data, root / "baseline", TrainConfig(epochs=2, batch_size=64), quiet=True)
-    opts = CompressOptions(method="hybrid", train=TrainConfig(epochs=1, batch_size=64), calib_batches=2)
-    run_compress(root / "baseline", root / "hybrid", opts, quiet=True)
-    report = run_export(root / "hybrid", root / "ov", ExportOptions("openvino", batch_size=16), quiet=True)
-    return root / "ov", report
+def resnet_export(digits_hybrid, tmp_path_factory):
+    out = tmp_path_factory.mktemp("openvino") / "ov"
+    report = run_export(digits_hybrid / "hybrid", out, ExportOptions("openvino", batch_size=16), quiet=True)
+    return out, report
 
 
 def test_resnet_hybrid_is_int8_fake_quantized_and_agrees(resnet_export):
