@@ -78,11 +78,47 @@ def example_input(model: str):
     return to_numpy(inputs)
 
 
+def markdown(results: dict) -> str:
+    lines = ["Made by `python bench/export_bench.py` (exports with the CLI, evaluation inside each runtime on the full "
+             "evaluation split, then batch-1 latency of every artifact in one process, round-robin, 1 thread; the "
+             "TensorRT row is its Q/DQ ONNX checked in ONNX Runtime: no GPU here).", ""]
+    for model, rows in results.items():
+        base = {r["artifact"].split("/")[1]: r for r in rows if r["artifact"].startswith("baseline/")}
+        lines += [f"### {model}", "", "| artifact | accuracy in runtime | PyTorch | Δ (pt) | top-1 agreement | "
+                  "bytes on disk | vs same runtime fp32 | p50 ms | p99 ms | legalization changes |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            rt = r["artifact"].split("/")[1]
+            ratio = base[rt]["bytes_on_disk"] / r["bytes_on_disk"] if rt in base else float("nan")
+            lines.append(f"| {r['artifact']} | {100 * r['accuracy']:.2f}% | {100 * r['accuracy_pytorch']:.2f}% | "
+                         f"{r['accuracy_delta_points']:+.2f} | {100 * r['top1_agreement']:.2f}% | "
+                         f"{r['bytes_on_disk']:,} | 1/{ratio:.1f} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | "
+                         f"{r['legalization_changes']} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def update_benchmarks_md(section: str) -> None:
+    path = ROOT / "BENCHMARKS.md"
+    begin, end = "<!-- export:begin -->", "<!-- export:end -->"
+    text = path.read_text()
+    if begin not in text:
+        text += f"\n## export (issue 3)\n\n{begin}\n{end}\n"
+    head, _, rest = text.partition(begin)
+    _, _, tail = rest.partition(end)
+    path.write_text(f"{head}{begin}\n{section}\n{end}{tail}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", choices=("resnet20", "minilm"))
     ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--render-only", action="store_true", help="rewrite BENCHMARKS.md from bench/results/export.json")
     args = ap.parse_args()
+    out = ROOT / "bench" / "results" / "export.json"
+    if args.render_only:
+        update_benchmarks_md(markdown(json.loads(out.read_text())["results"]))
+        return
     import torch
 
     torch.set_num_threads(1)
@@ -105,12 +141,12 @@ def main() -> None:
                          "bytes_on_disk": meta["bytes_on_disk"], "legalization_changes": len(meta["legalization"]),
                          "weights": meta["contents"].get("weights"), "notes": meta["notes"], **lat[key]})
         results[model] = rows
-    out = ROOT / "bench" / "results" / "export.json"
     previous = json.loads(out.read_text()) if out.exists() else {"results": {}}
     previous["results"].update(results)
     previous["command"] = "python bench/export_bench.py"
     out.write_text(json.dumps(previous, indent=2) + "\n")
-    print(json.dumps(results, indent=1)[:4000])
+    update_benchmarks_md(markdown(previous["results"]))
+    print(f"wrote {out} and BENCHMARKS.md")
 
 
 if __name__ == "__main__":
