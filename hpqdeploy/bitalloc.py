@@ -37,10 +37,14 @@ def _layer_precisions(kind: str, target: Target, requested: tuple[int, ...]) -> 
     return allowed
 
 
+def check_bits(bits: tuple[int, ...]) -> None:
+    if not bits or any(b not in range(2, 9) for b in bits):
+        raise UserError(f"--bits must be weight bit widths between 2 and 8, got {list(bits)}")
+
+
 def plan_bits(model: nn.Module, calib: list, target: Target, bits: tuple[int, ...], low_share: float,
               criterion: str, act_bits: int | None = 8) -> dict[str, LayerBits]:
-    if not bits or any(b not in (2, 3, 4, 5, 6, 7, 8) for b in bits):
-        raise UserError(f"--bits must be weight bit widths between 2 and 8, got {list(bits)}")
+    check_bits(bits)
     if not 0.0 <= low_share <= 1.0:
         raise UserError(f"--low-bit-share must be within [0, 1], got {low_share}")
     high, low = max(bits), min(bits)

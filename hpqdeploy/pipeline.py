@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from hpqdeploy import artifact
-from hpqdeploy.bitalloc import LayerBits, low_bit_share, plan_bits
+from hpqdeploy.bitalloc import LayerBits, check_bits, low_bit_share, plan_bits
 from hpqdeploy.data import DataRequest, Splits, load_data
 from hpqdeploy.errors import UserError
 from hpqdeploy.finetune import TrainConfig, evaluate, finetune, loader
@@ -59,8 +59,8 @@ class CompressOptions:
             raise UserError(f"--prune-ratio must be in (0, 1), got {self.prune_ratio}")
         if self.importance not in CRITERIA:
             raise UserError(f"unknown importance criterion {self.importance!r}; choose one of {', '.join(CRITERIA)}")
-        if self.method != "prune" and (not self.bits or any(b not in range(2, 9) for b in self.bits)):
-            raise UserError(f"--bits must be weight bit widths between 2 and 8, got {list(self.bits)}")
+        if self.method != "prune":
+            check_bits(tuple(self.bits))
         if not 0.0 <= self.train.distill < 1.0 or self.train.temperature <= 0:
             raise UserError("--distill must be in [0, 1) and --temperature > 0")
         if self.train.epochs < 0 or self.train.lr <= 0 or self.train.batch_size <= 0:
