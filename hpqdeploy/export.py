@@ -23,7 +23,8 @@ from hpqdeploy.errors import UserError
 from hpqdeploy.finetune import loader, progress
 from hpqdeploy.importance import forward
 from hpqdeploy.lower.base import LoweringContext, get_runtime
-from hpqdeploy.lower.legalize import MIXED_MODES, legalize
+from hpqdeploy.lower.cpu import has_vnni
+from hpqdeploy.lower.legalize import MIXED_MODES, OVERFLOW_FIX, legalize, narrow_int8_weights
 from hpqdeploy.models.hf_text import text_collate
 from hpqdeploy.pipeline import DataOptions
 from hpqdeploy.targets import load_target
@@ -38,6 +39,7 @@ class ExportOptions:
     calib_batches: int = 8
     threads: int = 1
     data_dir: str | None = None
+    overflow_fix: str = "auto"  # auto: narrow int8 weights where the runtime's kernels would saturate on this CPU
 
 
 def fixed_collate(loaded):
@@ -64,7 +66,11 @@ def _pad(inputs, batch: int):
 def run_export(artifact_dir: Path, out: Path, opts: ExportOptions, quiet: bool = False, command: str = "") -> dict:
     if opts.mixed not in MIXED_MODES:
         raise UserError(f"--mixed must be one of {', '.join(MIXED_MODES)}, got {opts.mixed!r}")
+    if opts.overflow_fix not in OVERFLOW_FIX:
+        raise UserError(f"--overflow-fix must be one of {', '.join(OVERFLOW_FIX)}, got {opts.overflow_fix!r}")
     runtime = get_runtime(opts.target)
+    if opts.overflow_fix == "on" and not runtime.int8_pairs_saturate:
+        raise UserError(f"--overflow-fix on: {runtime.name}'s int8 kernels do not saturate, nothing to fix")
     runtime.require()
     target = load_target(opts.target)
     artifact.check_output(out)
@@ -79,6 +85,8 @@ def run_export(artifact_dir: Path, out: Path, opts: ExportOptions, quiet: bool =
     reference = loaded.module.eval()
     legal = copy.deepcopy(reference)
     changes = legalize(legal, target, opts.mixed)
+    if _narrow(runtime, opts.overflow_fix):
+        changes += narrow_int8_weights(legal, runtime.name)
     legal.eval()
     calib = list(loader(splits.calib, collate, opts.batch_size, shuffle=False))[: opts.calib_batches]
     example = next(iter(loader(splits.eval, collate, 1, shuffle=False)))[0]
@@ -111,6 +119,13 @@ def run_export(artifact_dir: Path, out: Path, opts: ExportOptions, quiet: bool =
     (work / "export.json").write_text(json.dumps(report, indent=2) + "\n")
     shutil.move(str(work), str(out))
     return report
+
+
+def _narrow(runtime, overflow_fix: str) -> bool:
+    """"auto" decides on this machine, where the artifact is verified; pass "on" for non-VNNI deployment CPUs."""
+    if overflow_fix == "auto":
+        return runtime.int8_pairs_saturate and has_vnni() is False
+    return overflow_fix == "on"
 
 
 @torch.no_grad()

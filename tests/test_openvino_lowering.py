@@ -49,6 +49,23 @@ def test_resnet_hybrid_is_int8_fake_quantized_and_agrees(resnet_export):
     assert abs(report["accuracy"] - report["accuracy_pytorch_legalized"]) <= 0.03
 
 
+def test_overflow_fix_stores_seven_bit_conv_weights(digits_hybrid, tmp_path):
+    """--overflow-fix on: every int8 conv weight read back from the IR fits 7 bits, and the report lists it."""
+    import openvino as ov
+
+    report = run_export(digits_hybrid / "hybrid", tmp_path / "ov", ExportOptions("openvino", batch_size=16,
+                                                                                 overflow_fix="on"), quiet=True)
+    narrowed = {c["layer"] for c in report["legalization"] if c["what"] == "weight range"}
+    assert narrowed
+    model = ov.Core().read_model(str(tmp_path / "ov" / "model.xml"))
+    conv_weights = [op for op in model.get_ops() if op.get_type_name() == "Constant"
+                    and op.get_element_type().get_type_name() == "i8" and len(op.get_output_shape(0)) == 4]
+    assert conv_weights
+    assert max(int(np.abs(op.get_data().astype(np.int32)).max()) for op in conv_weights) <= 63
+    assert report["top1_agreement"] >= 0.95
+    assert abs(report["accuracy"] - report["accuracy_pytorch_legalized"]) <= 0.03
+
+
 def test_batch_is_dynamic(resnet_export):
     out, _ = resnet_export
     session = get_runtime("openvino").load(out, threads=1)

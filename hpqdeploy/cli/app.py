@@ -116,6 +116,8 @@ def export(
     eval_limit: Optional[int] = typer.Option(None, "--eval-limit"),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="default: the one recorded in the artifact"),
     threads: int = typer.Option(1, "--threads"),
+    overflow_fix: str = typer.Option("auto", "--overflow-fix",
+                                     help="OpenVINO: 7-bit int8 weights for CPUs without VNNI: auto (this CPU) | on | off"),
     as_json: bool = typer.Option(False, "--json"),
     quiet: bool = typer.Option(False, "--quiet"),
 ):
@@ -123,7 +125,8 @@ def export(
     from hpqdeploy.export import ExportOptions, run_export
     from hpqdeploy.report import export_table
 
-    opts = ExportOptions(target, mixed, batch_size, eval_limit, threads=threads, data_dir=data_dir)
+    opts = ExportOptions(target, mixed, batch_size, eval_limit, threads=threads, data_dir=data_dir,
+                         overflow_fix=overflow_fix)
     report = run_export(source, output, opts, quiet, _command())
     _emit(report, as_json, export_table(report))
 

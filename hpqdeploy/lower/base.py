@@ -49,6 +49,9 @@ class Runtime(ABC):
     name: str
     extra: str  # the pip extra that installs it
     modules: tuple[str, ...]  # importable modules it needs
+    # True where the runtime's x86 int8 kernels add u8 x i8 products in pairs into saturating int16 on CPUs
+    # without VNNI; export then narrows 8-bit weights of int8 layers to 7 bits there (legalize.narrow_int8_weights)
+    int8_pairs_saturate: bool = False
 
     def missing(self) -> str | None:
         """The first required module that does not import, or None."""

@@ -15,10 +15,12 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
-from hpqdeploy.quantize import QEmbedding, QLinear, _QuantMixin, op_kind, qmax, quantize_weight
+from hpqdeploy.quantize import QEmbedding, QLinear, _QuantMixin, op_kind, qmax, quantize_weight, weight_scales
 from hpqdeploy.targets import Target
 
 MIXED_MODES = ("split", "layer")
+OVERFLOW_FIX = ("auto", "on", "off")
+NARROW_QMAX = 63  # 7-bit weights: 255 x 63 x 2 = 32,130 fits int16, so a pair of u8 x i8 products cannot saturate
 
 
 @dataclass
@@ -134,6 +136,32 @@ def _legalize_activations(name, m, kind, s, target, changes) -> None:
         m.act_bits.fill_(0)
         changes.append(Change(name, "activations", f"int{act}", "float",
                               f"{target.name} runs {kind} activations at {list(s.activation_bits) or 'float'}"))
+
+
+@torch.no_grad()
+def narrow_int8_weights(model: nn.Module, runtime: str) -> list[Change]:
+    """Requantize the 8-bit weights of layers that run int8 x int8 (static activations) to 7 bits, |q| <= 63.
+
+    x86 int8 kernels without VNNI (`vpmaddubsw`) add two u8 x i8 products into a saturating int16: a pair of
+    large activations meeting large same-sign weights clips. NNCF's `overflow_fix` narrows weights to 7 bits for
+    the same reason. The 8-bit values the model was fine-tuned with are rounded onto a grid of twice the step and
+    stay stored as int8; channels already within +-63 (e.g. 4-bit channels raised to 8) are left as they are."""
+    changes = []
+    for name, m in model.named_modules():
+        if (not isinstance(m, _QuantMixin) or m.group_size or not int(m.act_bits) or m.act_dynamic
+                or set(m.w_bits.tolist()) != {8}):
+            continue
+        s = weight_scales(m.weight, m.w_bits, m.w_clip, None).view(-1, *[1] * (m.weight.dim() - 1))
+        ints = torch.clamp(torch.round(m.weight / s), -127, 127)
+        rows = ints.reshape(len(ints), -1).abs().amax(1) > NARROW_QMAX
+        if not rows.any():
+            continue
+        m.weight[rows] = (ints * s)[rows]  # the values the model computed; their largest is exactly 127 steps
+        m.w_clip[rows] = 127 / NARROW_QMAX  # new step = 127 * s / 63: the largest value lands on 63
+        changes.append(Change(name, "weight range", f"8-bit x{int(rows.sum())} channels",
+                              f"7-bit values (|q| <= {NARROW_QMAX}) stored as int8",
+                              f"{runtime}'s int8 kernels on this CPU (no VNNI) add u8 x i8 pairs in saturating int16"))
+    return changes
 
 
 class SplitLinear(nn.Module):

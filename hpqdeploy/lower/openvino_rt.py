@@ -27,6 +27,7 @@ import torch
 
 from hpqdeploy.errors import UserError
 from hpqdeploy.lower import torch_prep
+from hpqdeploy.lower.cpu import int8_dot_product
 from hpqdeploy.lower.base import Lowered, LoweringContext, Runtime, Session, register_runtime
 from hpqdeploy.quantize import QEmbedding, QLinear, _QuantMixin
 
@@ -170,6 +171,7 @@ class OpenVINOSession(Session):
 @register_runtime("openvino")
 class OpenVINORuntime(Runtime):
     extra = "openvino"
+    int8_pairs_saturate = True  # x86 int8 kernels without VNNI: see legalize.narrow_int8_weights
     modules = ("openvino",)  # nncf is not needed: compressed weights are built from the plan with OpenVINO's opset
 
     def __init__(self, precision: str = "f32"):
@@ -224,7 +226,7 @@ class OpenVINORuntime(Runtime):
             "inference_precision": _type_name(compiled.get_property("INFERENCE_PRECISION_HINT")),
             "cpu_default_precision": _type_name(core.get_property("CPU", "INFERENCE_PRECISION_HINT")),
             "cpu_capabilities": list(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")),
-            "int8_dot_product": _int8_dot_product(),
+            "int8_dot_product": int8_dot_product(),
             "threads": int(compiled.get_property("INFERENCE_NUM_THREADS")),
         }
         return OpenVINOSession(compiled, info)
@@ -287,19 +289,6 @@ def _model_path(out_dir: Path) -> Path:
     if not xml.is_file() or not xml.with_suffix(".bin").is_file():
         raise UserError(f"{out_dir} holds no OpenVINO IR ({MODEL_XML} + {MODEL_BIN})")
     return xml
-
-
-def _int8_dot_product() -> str:
-    """Without VNNI/AMX the CPU plugin's int8 kernels add u8 x i8 products in pairs into saturating int16, so an
-    int8 layer can deviate from the plan where large activations meet large same-sign weights (NNCF's
-    `overflow_fix` narrows weights to 7 bits for this; the plan's weights are kept here, so report it)."""
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return "unknown"
-    if flags & {"amx_int8", "avx512_vnni", "avx_vnni"}:
-        return "VNNI/AMX (int32 accumulation)"
-    return "no VNNI: u8 x i8 pairs accumulate in saturating int16, int8 layers can deviate slightly"
 
 
 def _type_name(t) -> str:
