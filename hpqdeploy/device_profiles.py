@@ -12,8 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hpqdeploy.errors import UserError
+from hpqdeploy.resources import resource_dir
 
-PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
+PROFILES_DIR = resource_dir("profiles")
 
 
 @dataclass(frozen=True)

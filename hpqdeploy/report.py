@@ -40,3 +40,26 @@ def export_table(report: dict) -> Table:
                   f"{100 * report['top1_agreement']:.2f}%", f"{report['max_abs_diff']:.4g}",
                   f"{report['bytes_on_disk']:,}", str(len(report["legalization"])))
     return table
+
+
+def _ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.3f}"
+
+
+def profile_table(result: dict) -> Table:
+    lat, energy, mem = result["latency"], result["energy"], result["memory"]
+    table = Table(title=f"{result['method']} / {result['runtime']} on {result['device']['kind']} "
+                        f"(batch {result['settings']['batch']}, {result['settings']['threads']} thread(s))")
+    for c in ("p50 ms", "p90 ms", "p99 ms", "mean ms", "min ms", "max ms", "inferences/s", "p50 spread",
+              "peak RSS MB", "J/inference", "idle W"):
+        table.add_column(c, justify="right")
+    joules = energy["energy_per_inference_j"]
+    idle = energy["idle"].get("mean_power_w")
+    rss = mem.get("peak_rss_bytes")
+    table.add_row(_ms(lat["p50_ms"]), _ms(lat["p90_ms"]), _ms(lat["p99_ms"]), _ms(lat["mean_ms"]),
+                  _ms(lat["min_ms"]), _ms(lat["max_ms"]), f"{lat['throughput_per_s']:.1f}",
+                  f"{100 * lat['p50_spread']:.1f}%", "-" if rss is None else f"{rss / 2**20:.0f}",
+                  "-" if joules is None else f"{joules:.4g}", "-" if idle is None else f"{idle:.2f}")
+    if joules is None:
+        table.caption = f"power: {energy['reason']}"
+    return table

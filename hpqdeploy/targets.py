@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hpqdeploy.errors import UserError
+from hpqdeploy.resources import resource_dir
 
-TARGETS_DIR = Path(__file__).resolve().parent.parent / "targets"
+TARGETS_DIR = resource_dir("targets")
 OP_KINDS = ("conv", "depthwise_conv", "linear", "embedding")
 
 

@@ -132,6 +132,36 @@ def export(
 
 
 @app.command()
+def profile(
+    source: Path = typer.Argument(..., help="a `hpqdeploy export` output directory"),
+    output: Path = typer.Option(..., "-o", "--output", help="directory for profile.json"),
+    device: str = typer.Option("x86", "--device", help="device kind: a file in profiles/"),
+    runner: Optional[str] = typer.Option(None, "--runner", help="default: the device's runner for the artifact"),
+    batch_size: int = typer.Option(1, "--batch-size"),
+    threads: int = typer.Option(1, "--threads"),
+    warmup: int = typer.Option(20, "--warmup"),
+    iters: int = typer.Option(200, "--iters", help="timed calls per repeat"),
+    min_seconds: float = typer.Option(0.0, "--min-seconds", help="and at least this long per repeat"),
+    repeats: int = typer.Option(3, "--repeats"),
+    idle_seconds: float = typer.Option(2.0, "--idle-seconds", help="idle power window (with a meter)"),
+    pin_clocks: bool = typer.Option(False, "--pin-clocks", help="run the profile's clock-pinning commands"),
+    serial: Optional[str] = typer.Option(None, "--serial", help="adb device serial (android)"),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="default: the one recorded in the artifact"),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """Latency percentiles, throughput, memory and energy of an exported artifact on a device."""
+    from hpqdeploy.profile import ProfileOptions, run_profile
+    from hpqdeploy.report import profile_table
+
+    opts = ProfileOptions(device, runner, batch_size, threads, warmup, iters, min_seconds, repeats, idle_seconds,
+                          pin_clocks, serial, data_dir)
+    result = run_profile(source, output, opts, command=_command())
+    if as_json:
+        result = {k: v for k, v in result.items() if k != "repeats"}
+    _emit(result, as_json, profile_table(result))
+
+
+@app.command()
 def demo(
     output: Path = typer.Option(Path("runs/demo"), "-o", "--output"),
     epochs: int = typer.Option(3, "--epochs"),
