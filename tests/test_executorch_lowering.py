@@ -150,6 +150,27 @@ def test_tiny_bert_keeps_4bit_linear_weights_and_agrees(tmp_path):
     assert np.abs(got - want).max() <= 0.05 * np.abs(want).max(), (got, want)
 
 
+def test_a_whole_8bit_embedding_with_padding_idx_is_fused(tmp_path):
+    """HF word embeddings carry padding_idx; at one width (e.g. --mixed layer) they must still reach ExecuTorch's
+    quantized embedding kernel instead of leaving torchao::dequantize_affine, which has none."""
+    model = make_tiny_bert(seed=0)
+    emb = model.hf.bert.embeddings.word_embeddings
+    assert emb.padding_idx is not None
+    attach(emb, torch.full((BERT_VOCAB,), 8), None, None)
+    legalize(model, TARGET)
+    model.eval()
+    runtime = get_runtime("executorch")
+    runtime.lower(LoweringContext(model, TARGET, bert_inputs(1, seed=7), [], "text", (1,)), tmp_path)
+    contents = runtime.inspect(tmp_path)
+    assert "quantized_decomposed::embedding_byte.out" in contents["non_delegated_ops"]
+    assert not [op for op in contents["non_delegated_ops"] if op.startswith("torchao")]
+    assert emb.padding_idx is not None  # the lowering worked on a copy
+    got = runtime.load(tmp_path, threads=1)({k: v[:1].numpy() for k, v in bert_inputs(1, seed=3).items()})
+    with torch.no_grad():
+        want = model(**{k: v[:1] for k, v in bert_inputs(1, seed=3).items()}).numpy()
+    np.testing.assert_allclose(got, want, atol=1e-4 + 1e-3 * np.abs(want).max())
+
+
 def test_float_twin_rewrites_are_exact():
     torch.manual_seed(0)
     shortcut = ChannelMapShortcut(6, 10, stride=2)

@@ -167,6 +167,12 @@ def apply_torchao(model: nn.Module, plans: dict[str, LayerPlan]) -> None:
         dtype, granularity = getattr(torch, f"int{bits}"), PerGroup(group) if group else PerAxis(0)
         config = Int8DynamicActivationIntxWeightConfig(weight_dtype=dtype, weight_granularity=granularity) \
             if role == DYNAMIC else IntxWeightOnlyConfig(weight_dtype=dtype, granularity=granularity)
+        for name in names:
+            layer = model.get_submodule(name)
+            if isinstance(layer, nn.Embedding):
+                # padding_idx only shapes gradients, but an embedding op carrying it escapes ExecuTorch's quantized
+                # embedding fusion and leaves torchao::dequantize_affine, which has no kernel
+                layer.padding_idx = None
         quantize_(model, config, filter_fn=lambda _m, fqn, names=names: fqn in names)
         for name in names:
             weight, p = model.get_submodule(name).weight, plans[name].params
