@@ -13,11 +13,12 @@ the result instead of a number: nothing is ever estimated.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Literal
+
+
+from hpqdeploy.registry import Registry
 
 
 class MeterUnavailable(Exception):
@@ -60,33 +61,10 @@ class PowerMeter(ABC):
         return {"meter": self.name, "kind": self.kind, "interval_ms": round(self.interval_s * 1000, 3)}
 
 
-_REGISTRY: dict[str, type[PowerMeter]] = {}
-
-
-def register_meter(name: str) -> Callable[[type[PowerMeter]], type[PowerMeter]]:
-    def deco(cls: type[PowerMeter]) -> type[PowerMeter]:
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return deco
-
-
-def _import_all() -> None:
-    import hpqdeploy.measure as pkg
-
-    for mod in pkgutil.iter_modules(pkg.__path__):
-        if mod.name not in ("base", "recorder"):
-            importlib.import_module(f"hpqdeploy.measure.{mod.name}")
-
-
-def meter_names() -> list[str]:
-    _import_all()
-    return sorted(_REGISTRY)
+METERS: Registry[type[PowerMeter]] = Registry("power meter", "hpqdeploy.measure", skip=("base", "recorder"))
+register_meter = METERS.register
+meter_names = METERS.names
 
 
 def get_meter(name: str, config: dict | None = None) -> PowerMeter:
-    _import_all()
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown power meter {name!r}; known: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name](config)
+    return METERS.get(name, config)

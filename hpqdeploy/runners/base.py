@@ -7,12 +7,11 @@ timed inferences ran, which is the window the power recorder integrates over.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+
+from hpqdeploy.registry import Registry
 
 
 class RunnerUnavailable(Exception):
@@ -69,33 +68,10 @@ class Runner(ABC):
         pass
 
 
-_REGISTRY: dict[str, type[Runner]] = {}
-
-
-def register_runner(name: str) -> Callable[[type[Runner]], type[Runner]]:
-    def deco(cls: type[Runner]) -> type[Runner]:
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return deco
-
-
-def _import_all() -> None:
-    import hpqdeploy.runners as pkg
-
-    for mod in pkgutil.iter_modules(pkg.__path__):
-        if mod.name != "base":
-            importlib.import_module(f"hpqdeploy.runners.{mod.name}")
-
-
-def runner_names() -> list[str]:
-    _import_all()
-    return sorted(_REGISTRY)
+RUNNERS: Registry[type[Runner]] = Registry("runner", "hpqdeploy.runners")
+register_runner = RUNNERS.register
+runner_names = RUNNERS.names
 
 
 def get_runner(name: str, profile_extra: dict | None = None) -> Runner:
-    _import_all()
-    if name not in _REGISTRY:
-        raise KeyError(f"unknown runner {name!r}; known: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name](profile_extra)
+    return RUNNERS.get(name, profile_extra)
