@@ -90,16 +90,17 @@ def artifact_hash(export_dir: Path, meta: dict) -> str:
     return h.hexdigest()
 
 
-def _pick_runner(profile: DeviceProfile, runtime: str, name: str | None) -> Runner:
+def _pick_runner(profile: DeviceProfile, runtime: str, name: str | None, serial: str | None) -> Runner:
+    extra = {**profile.extra, **({"serial": serial} if serial else {})}
     if name is not None:
         if name not in runner_names():
             raise UserError(f"unknown runner {name!r}; known: {', '.join(runner_names())}")
-        runner = get_runner(name, profile.extra)
+        runner = get_runner(name, extra)
         if runner.runtime != runtime:
             raise UserError(f"runner {name} runs {runner.runtime} artifacts; this one is for {runtime}")
         return runner
     for candidate in profile.runners:
-        runner = get_runner(candidate, profile.extra)
+        runner = get_runner(candidate, extra)
         if runner.runtime == runtime:
             return runner
     raise UserError(f"device kind {profile.name} has no runner for {runtime} artifacts "
@@ -175,10 +176,19 @@ def device_state(profile: DeviceProfile, serial: str | None) -> dict:
             "commands": {k: run_command(v) for k, v in profile.state_commands.items()}}
 
 
+def _pin_clocks(profile: DeviceProfile, serial: str | None) -> list[dict]:
+    if profile.transport == "adb":
+        from hpqdeploy.adb import pin_clocks
+
+        return pin_clocks(profile, serial)
+    return [run_command(c) for c in profile.pin_clocks]
+
+
 def _open_meter(profile: DeviceProfile, serial: str | None) -> tuple[PowerMeter | None, str | None]:
     if profile.meter is None:
         return None, f"device kind {profile.name} names no power meter"
-    config = {**profile.meter_config, **({"serial": serial} if serial else {})}
+    adb = profile.extra.get("adb", {}) if profile.transport == "adb" else {}  # the adb binary, timeouts, serial
+    config = {**adb, **profile.meter_config, **({"serial": serial} if serial else {})}
     try:
         meter = get_meter(profile.meter, config)
     except KeyError as exc:
@@ -222,19 +232,16 @@ def run_profile(export_dir: Path, out: Path, opts: ProfileOptions, quiet: bool =
     export_dir = Path(export_dir)
     meta = _export_meta(export_dir)
     profile = load_profile(opts.device)
-    runner = _pick_runner(profile, meta["runtime"], opts.runner)
+    runner = _pick_runner(profile, meta["runtime"], opts.runner, opts.serial)
     artifact.check_output(out)
     inputs = example_batch(meta, opts.batch_size, opts.data_dir)
     settings = RunSettings(opts.batch_size, opts.threads, opts.warmup, opts.iters, opts.min_seconds)
     state_before = device_state(profile, opts.serial)
-    pinned = [run_command(c) for c in profile.pin_clocks] if opts.pin_clocks else []
+    pinned = _pin_clocks(profile, opts.serial) if opts.pin_clocks else []
     throttle_before = throttle_count(profile.throttle_files)
     meter, meter_reason = _open_meter(profile, opts.serial)
     try:
-        try:
-            runner.prepare(export_dir, inputs, settings)
-        except RunnerUnavailable as exc:
-            raise UserError(str(exc)) from None
+        runner.prepare(export_dir, inputs, settings)
         idle = _measure_idle(meter, opts.idle_seconds) if meter else {"mean_power_w": None, "reason": meter_reason}
         repeats = []
         for _ in range(opts.repeats):
@@ -242,6 +249,8 @@ def run_profile(export_dir: Path, out: Path, opts: ProfileOptions, quiet: bool =
             repeats.append({**latency_stats(timing.times_ms, timing.batch), "energy": energy,
                             "notes": timing.notes, "times_ms": [round(t, 5) for t in timing.times_ms]})
         memory, runner_info = runner.memory(), runner.info()
+    except RunnerUnavailable as exc:
+        raise UserError(str(exc)) from None
     finally:
         runner.close()
         if meter is not None:

@@ -71,7 +71,7 @@ def test_energy_is_integrated_over_the_timed_window(ort_export, profiles, tmp_pa
         assert r["calls"] >= 20 and len(r["times_ms"]) == r["calls"]
         e = r["energy"]
         assert e["samples"] >= 10  # sampled at 10 ms over >= 0.2 s
-        assert e["energy_j"] == pytest.approx(WATTS * e["seconds"], rel=1e-6)
+        assert e["energy_j"] == pytest.approx(WATTS * e["seconds"], rel=1e-4)  # both rounded to 1e-6
         assert e["energy_per_inference_j"] == pytest.approx(e["energy_j"] / (4 * r["calls"]))
         assert e["seconds"] >= 0.2
     energy = result["energy"]
