@@ -47,6 +47,7 @@ class ProfileOptions:
     pin_clocks: bool = False
     serial: str | None = None  # adb device
     data_dir: str | None = None
+    meter: str | None = None  # default: the profile's [meter]; else a registry name or [meter_alternatives] key
 
     def validate(self) -> None:
         if self.batch_size < 1 or self.threads < 1 or self.iters < 1 or self.repeats < 1:
@@ -90,7 +91,8 @@ def artifact_hash(export_dir: Path, meta: dict) -> str:
     return h.hexdigest()
 
 
-def _pick_runner(profile: DeviceProfile, runtime: str, name: str | None, serial: str | None) -> Runner:
+def _candidate_runners(profile: DeviceProfile, runtime: str, name: str | None, serial: str | None) -> list[Runner]:
+    """The runner asked for, or every runner of the device that runs this runtime's artifacts, in profile order."""
     extra = {**profile.extra, **({"serial": serial} if serial else {})}
     if name is not None:
         if name not in runner_names():
@@ -98,13 +100,24 @@ def _pick_runner(profile: DeviceProfile, runtime: str, name: str | None, serial:
         runner = get_runner(name, extra)
         if runner.runtime != runtime:
             raise UserError(f"runner {name} runs {runner.runtime} artifacts; this one is for {runtime}")
-        return runner
-    for candidate in profile.runners:
-        runner = get_runner(candidate, extra)
-        if runner.runtime == runtime:
-            return runner
-    raise UserError(f"device kind {profile.name} has no runner for {runtime} artifacts "
-                    f"(its runners: {', '.join(profile.runners)})")
+        return [runner]
+    runners = [r for r in (get_runner(c, extra) for c in profile.runners) if r.runtime == runtime]
+    if not runners:
+        raise UserError(f"device kind {profile.name} has no runner for {runtime} artifacts "
+                        f"(its runners: {', '.join(profile.runners)})")
+    return runners
+
+
+def _prepare_first(runners: list[Runner], export_dir: Path, inputs, settings: RunSettings) -> tuple[Runner, list]:
+    """Prepare the first runner that can run here; the ones that could not are recorded with their reasons."""
+    skipped = []
+    for runner in runners:
+        try:
+            runner.prepare(export_dir, inputs, settings)
+            return runner, skipped
+        except RunnerUnavailable as exc:
+            skipped.append({"runner": runner.name, "reason": str(exc)})
+    raise UserError("; ".join(f"{s['runner']}: {s['reason']}" if len(skipped) > 1 else s["reason"] for s in skipped))
 
 
 def example_batch(meta: dict, batch: int, data_dir: str | None):
@@ -184,13 +197,23 @@ def _pin_clocks(profile: DeviceProfile, serial: str | None) -> list[dict]:
     return [run_command(c) for c in profile.pin_clocks]
 
 
-def _open_meter(profile: DeviceProfile, serial: str | None) -> tuple[PowerMeter | None, str | None]:
-    if profile.meter is None:
+def _meter_choice(profile: DeviceProfile, name: str | None) -> tuple[str | None, dict]:
+    """The profile's [meter], or with --meter NAME its [meter_alternatives.NAME] table (or NAME's defaults)."""
+    if name is None or name == profile.meter:
+        return profile.meter, dict(profile.meter_config)
+    config = dict(profile.extra.get("meter_alternatives", {}).get(name, {}))
+    return config.pop("name", name), config
+
+
+def _open_meter(profile: DeviceProfile, serial: str | None,
+                choice: str | None = None) -> tuple[PowerMeter | None, str | None]:
+    name, config = _meter_choice(profile, choice)
+    if name is None:
         return None, f"device kind {profile.name} names no power meter"
     adb = profile.extra.get("adb", {}) if profile.transport == "adb" else {}  # the adb binary, timeouts, serial
-    config = {**adb, **profile.meter_config, **({"serial": serial} if serial else {})}
+    config = {**adb, **config, **({"serial": serial} if serial else {})}
     try:
-        meter = get_meter(profile.meter, config)
+        meter = get_meter(name, config)
     except KeyError as exc:
         raise UserError(f"profiles/{profile.name}.toml: {exc.args[0]}") from None
     try:
@@ -232,16 +255,17 @@ def run_profile(export_dir: Path, out: Path, opts: ProfileOptions, quiet: bool =
     export_dir = Path(export_dir)
     meta = _export_meta(export_dir)
     profile = load_profile(opts.device)
-    runner = _pick_runner(profile, meta["runtime"], opts.runner, opts.serial)
+    runners = _candidate_runners(profile, meta["runtime"], opts.runner, opts.serial)
     artifact.check_output(out)
     inputs = example_batch(meta, opts.batch_size, opts.data_dir)
     settings = RunSettings(opts.batch_size, opts.threads, opts.warmup, opts.iters, opts.min_seconds)
     state_before = device_state(profile, opts.serial)
     pinned = _pin_clocks(profile, opts.serial) if opts.pin_clocks else []
     throttle_before = throttle_count(profile.throttle_files)
-    meter, meter_reason = _open_meter(profile, opts.serial)
+    meter, meter_reason = _open_meter(profile, opts.serial, opts.meter)
+    runner = None
     try:
-        runner.prepare(export_dir, inputs, settings)
+        runner, skipped = _prepare_first(runners, export_dir, inputs, settings)
         idle = _measure_idle(meter, opts.idle_seconds) if meter else {"mean_power_w": None, "reason": meter_reason}
         repeats = []
         for _ in range(opts.repeats):
@@ -252,7 +276,8 @@ def run_profile(export_dir: Path, out: Path, opts: ProfileOptions, quiet: bool =
     except RunnerUnavailable as exc:
         raise UserError(str(exc)) from None
     finally:
-        runner.close()
+        if runner is not None:
+            runner.close()
         if meter is not None:
             meter.close()
     all_times = [t for r in repeats for t in r["times_ms"]]
@@ -261,7 +286,7 @@ def run_profile(export_dir: Path, out: Path, opts: ProfileOptions, quiet: bool =
         "artifact": str(export_dir), "artifact_sha256": artifact_hash(export_dir, meta),
         "runtime": meta["runtime"], "method": meta.get("method"), "source": meta.get("source"),
         "device": {"kind": profile.name, "description": profile.description, "transport": profile.transport},
-        "runner": {"name": runner.name, **runner_info},
+        "runner": {"name": runner.name, **runner_info, "skipped": skipped},
         "settings": asdict(settings), "repeats_requested": opts.repeats,
         "latency": {**latency_stats(all_times, opts.batch_size),
                     "p50_ms_per_repeat": [r["p50_ms"] for r in repeats],

@@ -140,3 +140,32 @@ def test_latency_stats_and_spread():
     assert stats["p50_ms"] == 2.5 and stats["min_ms"] == 1.0 and stats["max_ms"] == 4.0
     assert stats["throughput_per_s"] == pytest.approx(8 * 4 / 0.010)
     assert spread([10.0, 10.5, 11.0]) == pytest.approx(0.1 / 1.05)
+
+
+@register_meter("test-other-power")
+class OtherPower(ConstantPower):
+    def read(self) -> Reading:
+        return Reading(time.monotonic(), watts=2 * WATTS)
+
+
+def test_meter_alternative_and_runner_fallback(ort_export, profiles, tmp_path, monkeypatch):
+    """--meter picks [meter_alternatives.NAME]; a runner that cannot run here hands over to the next one."""
+    from hpqdeploy.runners.local import OnnxRuntimeRunner
+
+    (profiles / "two.toml").write_text('name = "two"\nrunners = ["broken-ort", "onnxruntime"]\n'
+                                       '[meter]\nname = "test-constant-power"\ninterval_ms = 10\n'
+                                       '[meter_alternatives.other]\nname = "test-other-power"\ninterval_ms = 10\n')
+
+    from hpqdeploy.runners.base import RunnerUnavailable, register_runner
+
+    @register_runner("broken-ort")
+    class Broken(OnnxRuntimeRunner):
+        def prepare(self, *a):
+            raise RunnerUnavailable("no accelerator here (test)")
+
+    result = run_profile(ort_export, tmp_path / "p", _opts("two", meter="other", idle_seconds=0.05))
+    assert result["energy"]["idle"]["mean_power_w"] == pytest.approx(2 * WATTS)
+    assert result["runner"]["name"] == "onnxruntime"
+    assert result["runner"]["skipped"] == [{"runner": "broken-ort", "reason": "no accelerator here (test)"}]
+    with pytest.raises(UserError, match="no accelerator here"):
+        run_profile(ort_export, tmp_path / "q", _opts("two", runner="broken-ort"))

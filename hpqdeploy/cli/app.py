@@ -146,6 +146,7 @@ def profile(
     idle_seconds: float = typer.Option(2.0, "--idle-seconds", help="idle power window (with a meter)"),
     pin_clocks: bool = typer.Option(False, "--pin-clocks", help="run the profile's clock-pinning commands"),
     serial: Optional[str] = typer.Option(None, "--serial", help="adb device serial (android)"),
+    meter: Optional[str] = typer.Option(None, "--meter", help="another power meter, e.g. tegrastats on Jetsons"),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="default: the one recorded in the artifact"),
     as_json: bool = typer.Option(False, "--json"),
 ):
@@ -154,7 +155,7 @@ def profile(
     from hpqdeploy.report import profile_table
 
     opts = ProfileOptions(device, runner, batch_size, threads, warmup, iters, min_seconds, repeats, idle_seconds,
-                          pin_clocks, serial, data_dir)
+                          pin_clocks, serial, data_dir, meter)
     result = run_profile(source, output, opts, command=_command())
     if as_json:
         result = {k: v for k, v in result.items() if k != "repeats"}
