@@ -21,7 +21,7 @@ from hpqdeploy.errors import UserError  # noqa: E402
 from hpqdeploy.export import ExportOptions, run_export  # noqa: E402
 from hpqdeploy.lower.base import LoweringContext, get_runtime  # noqa: E402
 from hpqdeploy.lower.executorch_quant import DYNAMIC, STATIC, WEIGHT_ONLY, apply_torchao, float_twin  # noqa: E402
-from hpqdeploy.lower.executorch_rt import xnnpack_constants  # noqa: E402
+from hpqdeploy.lower.pte_reader import xnnpack_constants  # noqa: E402
 from hpqdeploy.lower.legalize import SplitEmbedding, legalize  # noqa: E402
 from hpqdeploy.models.cifar_resnet import ChannelMapShortcut  # noqa: E402
 from hpqdeploy.quantize import attach, calibrate, search_clip  # noqa: E402
