@@ -163,6 +163,23 @@ def profile(
 
 
 @app.command()
+def report(
+    dirs: list[Path] = typer.Argument(..., help="compress/train, export and profile output directories (or parents)"),
+    output: Path = typer.Option(..., "-o", "--output"),
+    html: bool = typer.Option(False, "--html", help="also one self-contained report.html"),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """The comparison table (per method and runtime) and the pictures: accuracy vs bytes and vs latency, per-layer plan."""
+    from hpqdeploy.reporting import run_report
+
+    result = run_report(dirs, output, html)
+    if as_json:
+        _emit(result, True)
+    else:
+        out_console.print(f"wrote {output}/report.md" + (f" and {output}/report.html" if html else ""))
+
+
+@app.command()
 def demo(
     output: Path = typer.Option(Path("runs/demo"), "-o", "--output"),
     epochs: int = typer.Option(3, "--epochs"),
