@@ -15,10 +15,11 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from hpqdeploy import plots, reporting  # noqa: E402
 from hpqdeploy.errors import UserError  # noqa: E402
-from hpqdeploy.plots import pareto_front  # noqa: E402
-from hpqdeploy.reporting import legalization_summary, run_report  # noqa: E402
+from hpqdeploy.reporting import plots, run_report  # noqa: E402
+from hpqdeploy.reporting.model_plots import layer_rows  # noqa: E402
+from hpqdeploy.reporting.plots import pareto_front  # noqa: E402
+from hpqdeploy.reporting.rows import legalization_summary  # noqa: E402
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 FP32_BYTES = 1_081_000
@@ -293,13 +294,13 @@ def test_layer_rows_take_original_channels_from_an_unpruned_plan_or_the_group():
                                 "layer2.0.conv2": _layer(c2, {8: c2})}
         plan["layer_sensitivity"] = {"layer1.0.conv1": 0.003, "layer2.1.conv2": 0.0005}
         plans[name] = plan
-    alone = {r.name: r for r in reporting.layer_rows(plans["hybrid"], None)}
+    alone = {r.name: r for r in layer_rows(plans["hybrid"], None)}
     assert (alone["layer1.0.conv1"].out_channels, alone["layer1.0.conv1"].original) == (8, 16)
     assert alone["layer1.0.conv1"].prune_sensitivity == 0.024 and alone["layer1.0.conv1"].sensitivity == 0.003
     assert alone["layer2.0.conv2"].original == 32
     assert alone["layer2.1.conv2"].original is None  # coupled to a group the plan does not name: unknown
     assert alone["layer2.1.conv2"].bits == {8: 8, 4: 16}
-    with_ref = {r.name: r for r in reporting.layer_rows(plans["hybrid"], plans["quant"])}
+    with_ref = {r.name: r for r in layer_rows(plans["hybrid"], plans["quant"])}
     assert with_ref["layer2.1.conv2"].original == 32
 
 
