@@ -98,21 +98,23 @@ def collect(runs: Path, previous: dict) -> dict:
             m["pruning"] = [{k: g[k] for k in ("name", "kind", "units", "kept", "ratio")} for g in plan["pruning"]]
             rows.append(m)
         if rows:
-            results[name] = {"note": spec["note"], "rows": rows}
+            kept = {k: v for k, v in previous.get(name, {}).items() if k in ("command", "seconds")}
+            results[name] = {"note": spec["note"], "rows": rows, **kept}
         elif name in previous:
             results[name] = previous[name]
     return results
 
 
-def markdown(results: dict, seconds: int) -> str:
-    from hpqdeploy.report import comparison_markdown
+def markdown(results: dict) -> str:
+    from hpqdeploy.cli.tables import comparison_markdown
 
-    parts = [f"Made by `python bench/compress_bench.py` ({seconds} s wall clock, 2 processes at a time, one thread "
-             "each). Every row: accuracy on the full evaluation split, parameters and MACs of the pruned model, "
-             "weight bytes at the plan's bit widths (scales included) vs the fp32 baseline.\n"]
+    parts = ["Every row: accuracy on the full evaluation split, parameters and MACs of the pruned model, weight bytes "
+             "at the plan's bit widths (scales included) vs the fp32 baseline. CLI processes ran side by side on the "
+             "2 cores, one thread each, so wall-clock times are not comparable.\n"]
     for name, blob in results.items():
         rows = blob["rows"]
-        parts.append(f"### {name}\n\n{blob['note']}.\n\n{comparison_markdown(rows)}")
+        made = f"Made by `{blob['command']}` ({blob['seconds']} s wall clock).\n\n" if blob.get("command") else ""
+        parts.append(f"### {name}\n\n{made}{blob['note']}.\n\n{comparison_markdown(rows)}")
         base = next((r for r in rows if r["method"] == "baseline"), None)
         for r in rows:
             if base and r.get("params_by_part") and base.get("params_by_part"):
@@ -161,11 +163,14 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(out.read_text()) if out.exists() else {}
     results = collect(args.runs, previous.get("results", {}))
-    seconds = previous.get("seconds", 0) if args.collect_only else round(time.time() - start)
-    out.write_text(json.dumps({"command": "python bench/compress_bench.py", "seconds": seconds,
-                               "results": results}, indent=2) + "\n")
-    (out.with_suffix(".md")).write_text(markdown(results, seconds))
-    update_benchmarks_md(markdown(results, seconds))
+    if not args.collect_only:
+        command = " ".join(["python bench/compress_bench.py", *sys.argv[1:]])
+        for name in [args.only] if args.only else list(EXPERIMENTS):
+            if name in results:
+                results[name].update(command=command, seconds=round(time.time() - start))
+    out.write_text(json.dumps({"results": results}, indent=2) + "\n")
+    (out.with_suffix(".md")).write_text(markdown(results))
+    update_benchmarks_md(markdown(results))
     print(f"wrote {out}, {out.with_suffix('.md')} and BENCHMARKS.md")
 
 

@@ -56,7 +56,7 @@ def train(
     """Step 1: train or fine-tune a baseline and record its accuracy, parameters, MACs and bytes."""
     from hpqdeploy.finetune import TrainConfig
     from hpqdeploy.pipeline import DataOptions, run_train
-    from hpqdeploy.report import comparison_table
+    from hpqdeploy.cli.tables import comparison_table
 
     cfg = TrainConfig(epochs, lr, weight_decay, batch_size or _default_batch(data), seed)
     opts = DataOptions(data, data_dir, calib_size, train_limit, eval_limit)
@@ -93,7 +93,7 @@ def compress(
     from hpqdeploy import artifact
     from hpqdeploy.finetune import TrainConfig
     from hpqdeploy.pipeline import CompressOptions, DataOptions, run_compress
-    from hpqdeploy.report import comparison_table
+    from hpqdeploy.cli.tables import comparison_table
 
     base_data = _baseline_data(baseline)
     data = DataOptions(**{**base_data, **{k: v for k, v in {"data_dir": data_dir, "train_limit": train_limit,
@@ -123,7 +123,7 @@ def export(
 ):
     """Lower to a runtime's native artifact, evaluate it inside the runtime, write export.json."""
     from hpqdeploy.export import ExportOptions, run_export
-    from hpqdeploy.report import export_table
+    from hpqdeploy.cli.tables import export_table
 
     opts = ExportOptions(target, mixed, batch_size, eval_limit, threads=threads, data_dir=data_dir,
                          overflow_fix=overflow_fix)
@@ -152,7 +152,7 @@ def profile(
 ):
     """Latency percentiles, throughput, memory and energy of an exported artifact on a device."""
     from hpqdeploy.profile import ProfileOptions, run_profile
-    from hpqdeploy.report import profile_table
+    from hpqdeploy.cli.tables import profile_table
 
     opts = ProfileOptions(device, runner, batch_size, threads, warmup, iters, min_seconds, repeats, idle_seconds,
                           pin_clocks, serial, data_dir, meter)
@@ -189,7 +189,7 @@ def demo(
     from hpqdeploy.demo import run_demo
 
     results = run_demo(output, epochs)
-    from hpqdeploy.report import comparison_table
+    from hpqdeploy.cli.tables import comparison_table
 
     _emit(results, as_json, comparison_table(results, f"digits / resnet20, {epochs} epochs each → {output}"))
 

@@ -1,4 +1,4 @@
-"""The comparison table: baseline, prune-only, quant-only and hybrid side by side."""
+"""Tables the CLI prints: the method comparison (also as markdown for the benchmarks), an export, a profile."""
 
 from __future__ import annotations
 
