@@ -180,6 +180,20 @@ def report(
 
 
 @app.command()
+def experiment(
+    config: Path = typer.Argument(..., help="an experiment TOML (see experiments/)"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="default: [experiment] out"),
+    as_json: bool = typer.Option(False, "--json"),
+    quiet: bool = typer.Option(False, "--quiet"),
+):
+    """The plan from one file: baseline, methods, exports, profiles, report; finished steps are skipped on a re-run."""
+    from hpqdeploy.experiment import run_experiment, summary_table
+
+    summary = run_experiment(config, output, quiet, _command())
+    _emit(summary, as_json, summary_table(summary))
+
+
+@app.command()
 def demo(
     output: Path = typer.Option(Path("runs/demo"), "-o", "--output"),
     epochs: int = typer.Option(3, "--epochs"),
