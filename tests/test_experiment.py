@@ -14,8 +14,9 @@ import pytest
 
 pytest.importorskip("onnxruntime")
 
-from hpqdeploy import experiment, pipeline  # noqa: E402
+from hpqdeploy import pipeline  # noqa: E402
 from hpqdeploy.errors import UserError  # noqa: E402
+from hpqdeploy.experiment import config as experiment_config  # noqa: E402
 from hpqdeploy.experiment import load_config, run_experiment  # noqa: E402
 
 CONFIG = """\
@@ -409,8 +410,8 @@ def test_good_config_loads_with_defaults_filled_in(tmp_path):
 def test_shipped_configs_are_valid(name, monkeypatch):
     """Every file in experiments/ passes validation (data and weights this machine lacks are faked in place)."""
     path = Path(__file__).parents[1] / "experiments" / name
-    real_resolve = experiment._resolve
-    monkeypatch.setattr(experiment, "_resolve", lambda root, value: _existing(real_resolve(root, value)))
+    real_resolve = experiment_config._resolve
+    monkeypatch.setattr(experiment_config, "_resolve", lambda root, value: _existing(real_resolve(root, value)))
     cfg = load_config(path)
     assert cfg.compress and set(cfg.export["targets"]) <= {"onnxruntime", "openvino", "executorch", "tensorrt"}
     assert cfg.profile is not None

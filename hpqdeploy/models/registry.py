@@ -66,6 +66,18 @@ def model_names() -> list[str]:
     return sorted(_NAMES)
 
 
+def is_registered_model(name: str) -> bool:
+    """Whether `name` is a registered model name (not a torchvision name, a directory or module:function)."""
+    _import_families()
+    return name in _NAMES
+
+
+def model_family(name: str) -> str:
+    """The family that builds `name`, without building it; a UserError saying which names work if none does."""
+    _import_families()
+    return _family_of(name)
+
+
 def _family_of(name: str) -> str:
     if name in _NAMES:
         return _NAMES[name]
