@@ -113,7 +113,8 @@ def markdown(results: dict) -> str:
              "2 cores, one thread each, so wall-clock times are not comparable.\n"]
     for name, blob in results.items():
         rows = blob["rows"]
-        made = f"Made by `{blob['command']}` ({blob['seconds']} s wall clock).\n\n" if blob.get("command") else ""
+        wall = f" ({blob['seconds']} s wall clock)" if blob.get("seconds") else ""
+        made = f"Made by `{blob['command']}`{wall}.\n\n" if blob.get("command") else ""
         parts.append(f"### {name}\n\n{made}{blob['note']}.\n\n{comparison_markdown(rows)}")
         base = next((r for r in rows if r["method"] == "baseline"), None)
         for r in rows:
