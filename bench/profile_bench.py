@@ -65,7 +65,9 @@ def row(model: str, source: str, runtime: str, r: dict) -> dict:
 def markdown(blob: dict) -> str:
     lines = [f"Made by `{blob['command']}`: one `hpqdeploy profile --device x86` process per row, run one after the "
              f"other, 1 thread, {REPEATS} repeats of the stated calls after 10 warm-up calls; p50 spread = (max - "
-             "min) / median of the three repeats' p50.", ""]
+             "min) / median of the three repeats' p50. Peak RSS is the whole profiling process (Python, torch and the "
+             "runtime included: the CLI loads the source artifact for example inputs), read from VmHWM after a reset "
+             "at load, so compare it between rows, not with a device's free memory.", ""]
     reasons = {r["energy_reason"] for rows in blob["results"].values() for r in rows if r["energy_reason"]}
     for model, rows in blob["results"].items():
         lines += [f"### {model}", "", "| artifact | batch | calls | p50 ms | p99 ms | inferences/s | p50 per repeat "

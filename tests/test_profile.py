@@ -81,6 +81,7 @@ def test_energy_is_integrated_over_the_timed_window(ort_export, profiles, tmp_pa
     assert lat["min_ms"] <= lat["p50_ms"] <= lat["p90_ms"] <= lat["p99_ms"] <= lat["max_ms"]
     assert lat["calls"] == sum(r["calls"] for r in result["repeats"])
     assert result["settings"]["batch"] == 4 and result["runner"]["name"] == "onnxruntime"
+    assert result["runner"]["package_versions"]["onnxruntime"]
     assert result["memory"]["peak_rss_bytes"] > 0
 
 

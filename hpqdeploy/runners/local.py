@@ -68,7 +68,15 @@ class LocalRunner(Runner):
                 "note": "resident set of the whole Python process, interpreter and imported libraries included"}
 
     def info(self) -> dict:
-        return self.session.info()
+        import importlib.metadata as md
+
+        versions = {}
+        for package in get_runtime(self.runtime).modules:
+            try:
+                versions[package] = md.version(package)
+            except md.PackageNotFoundError:
+                continue
+        return {**self.session.info(), "package_versions": versions}
 
 
 @register_runner("onnxruntime")
