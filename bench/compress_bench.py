@@ -17,6 +17,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from benchmarks_md import replace_section  # noqa: E402 - bench/ is the script's directory
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
 EXE = [sys.executable, "-m", "hpqdeploy"]
@@ -135,15 +137,6 @@ def markdown(results: dict) -> str:
     return "\n".join(parts)
 
 
-def update_benchmarks_md(section: str) -> None:
-    path = ROOT / "BENCHMARKS.md"
-    begin, end = "<!-- compress:begin -->", "<!-- compress:end -->"
-    text = path.read_text() if path.exists() else f"# Benchmarks\n\n## compress (issue 2)\n\n{begin}\n{end}\n"
-    head, _, rest = text.partition(begin)
-    _, _, tail = rest.partition(end)
-    path.write_text(f"{head}{begin}\n{section}\n{end}{tail}")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", choices=list(EXPERIMENTS))
@@ -171,7 +164,7 @@ def main() -> None:
                 results[name].update(command=command, seconds=round(time.time() - start))
     out.write_text(json.dumps({"results": results}, indent=2) + "\n")
     (out.with_suffix(".md")).write_text(markdown(results))
-    update_benchmarks_md(markdown(results))
+    replace_section("compress", "compress (issue 2)", markdown(results))
     print(f"wrote {out}, {out.with_suffix('.md')} and BENCHMARKS.md")
 
 

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks_md import replace_section  # noqa: E402 - bench/ is the script's directory
+
 ROOT = Path(__file__).resolve().parent.parent
 RUNTIMES = ("onnxruntime", "openvino", "executorch", "tensorrt")
 SOURCES = ("baseline", "hybrid")
@@ -154,17 +156,6 @@ def four_bit_weights(contents: dict) -> int:
                if re.match(r"(u?int4|[iu]4)\b", key, re.IGNORECASE) and isinstance(n, (int, float)))
 
 
-def update_benchmarks_md(section: str) -> None:
-    path = ROOT / "BENCHMARKS.md"
-    begin, end = "<!-- export:begin -->", "<!-- export:end -->"
-    text = path.read_text()
-    if begin not in text:
-        text += f"\n## export (issue 3)\n\n{begin}\n{end}\n"
-    head, _, rest = text.partition(begin)
-    _, _, tail = rest.partition(end)
-    path.write_text(f"{head}{begin}\n{section}\n{end}{tail}")
-
-
 def _row(key: str, d: Path, lat: dict) -> dict:
     meta = json.loads((d / "export.json").read_text())
     return {"artifact": key, "runtime": meta["runtime"], "mixed": meta["mixed"], "accuracy": meta["accuracy"],
@@ -189,7 +180,7 @@ def main() -> None:
     previous = json.loads(out.read_text()) if out.exists() else {"results": {}}
     previous.setdefault("commands", {})
     if args.render_only:
-        update_benchmarks_md(markdown(previous["results"], previous["commands"]))
+        replace_section("export", "export (issue 3)", markdown(previous["results"], previous["commands"]))
         return
     import torch
 
@@ -217,7 +208,7 @@ def main() -> None:
             previous["results"][f"{model}/mixed"] = [_row(k, d, lat) for k, d in mixed.items()]
         previous["commands"][model] = command
     out.write_text(json.dumps(previous, indent=2) + "\n")
-    update_benchmarks_md(markdown(previous["results"], previous["commands"]))
+    replace_section("export", "export (issue 3)", markdown(previous["results"], previous["commands"]))
     print(f"wrote {out} and BENCHMARKS.md")
 
 

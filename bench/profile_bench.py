@@ -17,6 +17,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from benchmarks_md import replace_section  # noqa: E402 - bench/ is the script's directory
+
 ROOT = Path(__file__).resolve().parent.parent
 RUNTIMES = ("onnxruntime", "openvino", "executorch")
 SOURCES = ("baseline", "hybrid")
@@ -88,17 +90,6 @@ def markdown(blob: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_benchmarks_md(section: str) -> None:
-    path = ROOT / "BENCHMARKS.md"
-    begin, end = "<!-- profile:begin -->", "<!-- profile:end -->"
-    text = path.read_text()
-    if begin not in text:
-        text += f"\n## profile (issue 4)\n\n{begin}\n{end}\n"
-    head, _, rest = text.partition(begin)
-    _, _, tail = rest.partition(end)
-    path.write_text(f"{head}{begin}\n{section}\n{end}{tail}")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", choices=list(PLAN))
@@ -121,7 +112,7 @@ def main() -> None:
     blob["command"] = "; ".join(f"{v}" for v in blob["commands"].values())
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(blob, indent=2) + "\n")
-    update_benchmarks_md(markdown(blob))
+    replace_section("profile", "profile (issue 4)", markdown(blob))
     print(f"wrote {out} and BENCHMARKS.md")
 
 
