@@ -10,8 +10,11 @@ T = TypeVar("T", bound=type)
 
 
 class Registry(Generic[T]):
-    def __init__(self, what: str, package: str, skip: tuple[str, ...] = ("base",)):
-        self.what, self.package, self.skip = what, package, skip
+    def __init__(self, what: str, package: str, skip: tuple[str, ...] = ("base",),
+                 modules: tuple[str, ...] | None = None):
+        """Plug-ins are every module of `package` but `skip`, or exactly `modules` where the package also holds
+        modules that are not plug-ins."""
+        self.what, self.package, self.skip, self.modules = what, package, skip, modules
         self._classes: dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
@@ -23,10 +26,12 @@ class Registry(Generic[T]):
         return deco
 
     def _import_all(self) -> None:
-        pkg = importlib.import_module(self.package)
-        for mod in pkgutil.iter_modules(pkg.__path__):
-            if mod.name not in self.skip:
-                importlib.import_module(f"{self.package}.{mod.name}")
+        names = self.modules
+        if names is None:
+            pkg = importlib.import_module(self.package)
+            names = tuple(m.name for m in pkgutil.iter_modules(pkg.__path__) if m.name not in self.skip)
+        for name in names:
+            importlib.import_module(f"{self.package}.{name}")
 
     def names(self) -> list[str]:
         self._import_all()

@@ -10,12 +10,13 @@ import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch.nn as nn
 
 from hpqdeploy.errors import MissingExtra, UserError
+from hpqdeploy.registry import Registry
 from hpqdeploy.targets import Target
 
 
@@ -78,34 +79,14 @@ class Runtime(ABC):
         """Ops and precisions read back from the artifact: {"ops": {op: count}, "weights": {dtype: count}, ...}."""
 
 
-_RUNTIMES: dict[str, Callable[[], Runtime]] = {}
-
-
-def register_runtime(name: str):
-    def deco(cls):
-        cls.name = name
-        _RUNTIMES[name] = cls
-        return cls
-
-    return deco
-
-
-def runtime_names() -> list[str]:
-    _import_all()
-    return sorted(_RUNTIMES)
+RUNTIMES: Registry[type[Runtime]] = Registry(
+    "target", "hpqdeploy.lower", modules=("onnxruntime_rt", "tensorrt_rt", "openvino_rt", "executorch_rt"))
+register_runtime = RUNTIMES.register
+runtime_names = RUNTIMES.names
 
 
 def get_runtime(name: str) -> Runtime:
-    _import_all()
-    if name not in _RUNTIMES:
-        raise UserError(f"unknown target {name!r}; known: {', '.join(sorted(_RUNTIMES))}")
-    return _RUNTIMES[name]()
-
-
-def _import_all() -> None:
-    for mod in ("onnxruntime_rt", "tensorrt_rt", "openvino_rt", "executorch_rt"):
-        try:
-            importlib.import_module(f"hpqdeploy.lower.{mod}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"hpqdeploy.lower.{mod}":
-                raise
+    try:
+        return RUNTIMES.get(name)
+    except KeyError as exc:
+        raise UserError(exc.args[0]) from None
