@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from hpqdeploy.device_profiles import collapse_state
 from hpqdeploy.errors import UserError
 
 DEFAULT_TIMEOUT_S = 30.0
@@ -275,11 +276,6 @@ def connect(extra: dict | None, serial: str | None = None) -> Adb:
 
 # -- the profile engine's hooks for transport = "adb" ----------------------------------------------------------------
 
-def _collapse(values: dict[str, str]):
-    distinct = set(values.values())
-    return distinct.pop() if len(distinct) == 1 else values
-
-
 def _read_state_files(adb: Adb, patterns: dict[str, str]) -> dict:
     state = {}
     for label, pattern in patterns.items():
@@ -287,7 +283,7 @@ def _read_state_files(adb: Adb, patterns: dict[str, str]) -> dict:
             paths = adb.glob(pattern) if any(c in pattern for c in "*?[") else [pattern]
             values = {p: (v if v is not None else "unreadable (missing, or denied by permissions/SELinux)")
                       for p, v in adb.read_files(paths).items()}
-            state[label] = _collapse(values) if values else None
+            state[label] = collapse_state(values) if values else None
         except DeviceGone:
             raise
         except AdbError as exc:

@@ -60,3 +60,10 @@ def load_profile(name: str) -> DeviceProfile:
         )
     except (tomllib.TOMLDecodeError, KeyError, TypeError) as exc:
         raise UserError(f"{path}: not a valid device profile ({exc})") from None
+
+
+def collapse_state(values: dict[str, str]):
+    """A state file pattern's readings: one value when every file agrees (the usual case for per-CPU files), else
+    the per-file mapping."""
+    distinct = set(values.values())
+    return distinct.pop() if len(distinct) == 1 else values

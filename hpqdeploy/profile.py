@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from hpqdeploy import artifact
-from hpqdeploy.device_profiles import DeviceProfile, load_profile
+from hpqdeploy.device_profiles import DeviceProfile, collapse_state, load_profile
 from hpqdeploy.errors import UserError
 from hpqdeploy.measure.base import MeterUnavailable, PowerMeter, get_meter
 from hpqdeploy.measure.recorder import PowerRecorder
@@ -148,14 +148,8 @@ def read_state_files(patterns: dict[str, str]) -> dict:
                 values[path] = Path(path).read_text().strip()
             except OSError as exc:
                 values[path] = f"unreadable: {exc.strerror}"
-        state[label] = _collapse(values) if values else None
+        state[label] = collapse_state(values) if values else None
     return state
-
-
-def _collapse(values: dict[str, str]):
-    """One value when every file agrees (the usual case for per-CPU files), else the per-file mapping."""
-    distinct = set(values.values())
-    return distinct.pop() if len(distinct) == 1 else values
 
 
 def run_command(args: tuple[str, ...]) -> dict:
@@ -281,7 +275,8 @@ def run_profile(export_dir: Path, out: Path, opts: ProfileOptions, quiet: bool =
         if meter is not None:
             meter.close()
     all_times = [t for r in repeats for t in r["times_ms"]]
-    energies = [r["energy"]["energy_per_inference_j"] for r in repeats if r["energy"].get("energy_per_inference_j")]
+    energies = [r["energy"]["energy_per_inference_j"] for r in repeats
+                if r["energy"].get("energy_per_inference_j") is not None]
     result = {
         "artifact": str(export_dir), "artifact_sha256": artifact_hash(export_dir, meta),
         "runtime": meta["runtime"], "method": meta.get("method"), "source": meta.get("source"),
