@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
-from hpqdeploy.quantize import QEmbedding, QLinear, _QuantMixin, op_kind, qmax, quantize_weight, weight_scales
+from hpqdeploy.lower import torch_prep
+from hpqdeploy.quantize import QEmbedding, QLinear, _QuantMixin, op_kind, qmax, quantize_weight
 from hpqdeploy.targets import Target
 
 MIXED_MODES = ("split", "layer")
@@ -41,14 +42,19 @@ def _raise_bits(b: int, allowed: tuple[int, ...]) -> int:
 
 
 @torch.no_grad()
-def _keep_values(m: _QuantMixin, rows: torch.Tensor, old: int, new: int) -> None:
-    """Raise `rows` to `new` bits without re-quantizing the float weights: keep the `old`-bit values the model was
-    fine-tuned with and set the clip so the `new`-bit scale equals the `old`-bit one (every non-zero channel of a
-    symmetric quantizer reaches its top level, so that clip is qmax(new) / qmax(old)): the raised layer computes
-    exactly what the compressed model computed, now on the runtime's wider grid."""
+def _pin_values(m: _QuantMixin, rows: torch.Tensor, clip: float) -> None:
+    """Replace the float weights of `rows` by the quantized values the model computes, and give those rows `clip`.
+    Every non-zero channel of a symmetric quantizer has a value on its top level, so the rows' new step is
+    `clip * old step * qmax / qmax`: clip qmax(new) / qmax(old) keeps the step across a change of bit width."""
     values = quantize_weight(m.weight, m.w_bits, m.w_clip, m.group_size)
     m.weight[rows] = values[rows]
-    m.w_clip[rows] = float(qmax(torch.tensor(new)) / qmax(torch.tensor(old)))
+    m.w_clip[rows] = clip
+
+
+def _keep_values(m: _QuantMixin, rows: torch.Tensor, old: int, new: int) -> None:
+    """Raise `rows` to `new` bits without re-quantizing the float weights: the raised layer computes exactly what
+    the compressed model computed (the `old`-bit values, same step), now on the runtime's wider grid."""
+    _pin_values(m, rows, float(qmax(torch.tensor(new)) / qmax(torch.tensor(old))))
 
 
 def legalize(model: nn.Module, target: Target, mixed: str = "split") -> list[Change]:
@@ -151,13 +157,11 @@ def narrow_int8_weights(model: nn.Module, runtime: str) -> list[Change]:
         if (not isinstance(m, _QuantMixin) or m.group_size or not int(m.act_bits) or m.act_dynamic
                 or set(m.w_bits.tolist()) != {8}):
             continue
-        s = weight_scales(m.weight, m.w_bits, m.w_clip, None).view(-1, *[1] * (m.weight.dim() - 1))
-        ints = torch.clamp(torch.round(m.weight / s), -127, 127)
+        ints = torch_prep.quant_params(m).int_weight
         rows = ints.reshape(len(ints), -1).abs().amax(1) > NARROW_QMAX
         if not rows.any():
             continue
-        m.weight[rows] = (ints * s)[rows]  # the values the model computed; their largest is exactly 127 steps
-        m.w_clip[rows] = 127 / NARROW_QMAX  # new step = 127 * s / 63: the largest value lands on 63
+        _pin_values(m, rows, 127 / NARROW_QMAX)  # new step = 127 * step / 63: the largest value lands on 63
         changes.append(Change(name, "weight range", f"8-bit x{int(rows.sum())} channels",
                               f"7-bit values (|q| <= {NARROW_QMAX}) stored as int8",
                               f"{runtime}'s int8 kernels on this CPU (no VNNI) add u8 x i8 pairs in saturating int16"))
