@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from benchmarks_md import replace_section  # noqa: E402 - bench/ is the script's directory
+from common import replace_section, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
-EXE = [sys.executable, "-m", "hpqdeploy"]
 
 RESNET_EPOCHS = 6
 
@@ -53,14 +50,9 @@ METHODS = ("hybrid", "prune", "quant")
 
 
 def run(args: list[str], log: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("w") as fh:
-        fh.write("$ " + " ".join(["hpqdeploy", *args]) + "\n")
-        fh.flush()
-        proc = subprocess.run([*EXE, *args, "--quiet"], stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    if proc.returncode:
-        raise SystemExit(f"step failed ({proc.returncode}): see {log}")
+    rc = run_cli(args, log)
+    if rc:
+        raise SystemExit(f"step failed ({rc}): see {log}")
 
 
 def experiment(name: str, runs: Path, pool: ThreadPoolExecutor) -> None:

@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from benchmarks_md import replace_section  # noqa: E402 - bench/ is the script's directory
+from common import replace_section, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNTIMES = ("onnxruntime", "openvino", "executorch", "tensorrt")
@@ -35,13 +33,7 @@ B75 = ("hybrid-b75", ["--method", "hybrid", "--low-bit-share", "0.75", "--epochs
 
 
 def cli(args: list[str], log: Path) -> bool:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("w") as fh:
-        fh.write("$ hpqdeploy " + " ".join(args) + "\n")
-        fh.flush()
-        rc = subprocess.run([sys.executable, "-m", "hpqdeploy", *args, "--quiet"], stdout=fh,
-                            stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode
+    rc = run_cli(args, log)
     if rc:
         print(f"failed: {log}")
     return rc == 0
@@ -84,20 +76,6 @@ def latency(dirs: dict[str, Path], example, iters: int, repeats: int) -> dict[st
                   "p99_ms": float(np.percentile(v, 99)), "mean_ms": statistics.fmean(v),
                   "p50_ms_passes": [round(statistics.median(run), 4) for run in runs], "iters": len(v)}
     return out
-
-
-def example_input(runs: Path, model: str):
-    from hpqdeploy import artifact
-    from hpqdeploy.export import fixed_collate, to_numpy
-    from hpqdeploy.data import load_data
-    from hpqdeploy.pipeline import DataOptions
-
-    art = artifact.load(runs / model / "baseline")
-    data = DataOptions(**art.plan["data"])
-    data.eval_limit = 8
-    splits = load_data(data.name, data.request(0))
-    inputs, _ = fixed_collate(art.model)([splits.eval[0]])
-    return to_numpy(inputs)
 
 
 def _passes(r: dict) -> str:
@@ -184,6 +162,8 @@ def main() -> None:
         return
     import torch
 
+    from hpqdeploy.profile import example_batch
+
     torch.set_num_threads(1)
     models = [args.only] if args.only else ["resnet20", "minilm"]
     command = " ".join(["python bench/export_bench.py", *sys.argv[1:]])
@@ -202,7 +182,8 @@ def main() -> None:
                     mixed[f"{source}/{rt}/{how}"] = export(args.runs, model, source, rt, how)
         dirs = {k: d for k, d in dirs.items() if (d / "export.json").exists()}
         mixed = {k: d for k, d in mixed.items() if (d / "export.json").exists()}
-        lat = latency({**dirs, **mixed}, example_input(args.runs, model), args.iters, args.repeats)
+        example = example_batch({"source": str(args.runs / model / "baseline")}, 1, None)
+        lat = latency({**dirs, **mixed}, example, args.iters, args.repeats)
         previous["results"][model] = [_row(k, d, lat) for k, d in dirs.items()]
         if mixed:
             previous["results"][f"{model}/mixed"] = [_row(k, d, lat) for k, d in mixed.items()]

@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks_md import replace_section  # noqa: E402 - bench/ is the script's directory
+from common import replace_section, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNTIMES = ("onnxruntime", "openvino", "executorch")
@@ -37,14 +35,7 @@ def profile(runs: Path, model: str, source: str, runtime: str, batch: int, iters
         args = ["profile", str(export_dir), "-o", str(out), "--device", "x86", "--batch-size", str(batch),
                 "--iters", str(iters), "--repeats", str(REPEATS), "--threads", "1", "--warmup", "10"]
         log = runs / "logs" / f"profile-{model}-{source}-{runtime}-b{batch}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-        with log.open("w") as fh:
-            fh.write("$ hpqdeploy " + " ".join(args) + "\n")
-            fh.flush()
-            rc = subprocess.run([sys.executable, "-m", "hpqdeploy", *args], stdout=fh, stderr=subprocess.STDOUT,
-                                env=env, cwd=ROOT).returncode
-        if rc:
+        if run_cli(args, log, quiet=False):
             print(f"profile failed: {log}")
             return None
     result = json.loads((out / "profile.json").read_text())

@@ -1,0 +1,33 @@
+"""What the bench scripts share: running the CLI as a user would, and writing their section of BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PATH = ROOT / "BENCHMARKS.md"
+PINNED = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def run_cli(args: list[str], log: Path, quiet: bool = True) -> int:
+    """`hpqdeploy ARGS` in a process of its own, one thread, output (after the command line) in `log`."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as fh:
+        fh.write("$ hpqdeploy " + " ".join(args) + "\n")
+        fh.flush()
+        return subprocess.run([sys.executable, "-m", "hpqdeploy", *args, *(["--quiet"] if quiet else [])],
+                              stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **PINNED}, cwd=ROOT).returncode
+
+
+def replace_section(name: str, heading: str, section: str) -> None:
+    """Each script owns the text between its `<!-- NAME:begin -->` and `<!-- NAME:end -->` markers."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    text = PATH.read_text() if PATH.exists() else "# Benchmarks\n"
+    if begin not in text:
+        text += f"\n## {heading}\n\n{begin}\n{end}\n"
+    head, _, rest = text.partition(begin)
+    _, _, tail = rest.partition(end)
+    PATH.write_text(f"{head}{begin}\n{section}\n{end}{tail}")
