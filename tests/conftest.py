@@ -119,3 +119,30 @@ def digits_hybrid(tmp_path_factory) -> Path:
     opts = CompressOptions(method="hybrid", train=TrainConfig(epochs=2, batch_size=64, distill=0.9), calib_batches=2)
     run_compress(root / "baseline", root / "hybrid", opts, quiet=True)
     return root
+
+
+def record_window(meter, seconds: float, settle: float = 0.03):
+    """Record `meter` around a window of `seconds`, with `settle` seconds of readings before and after it; returns
+    (recorder, t0, t1). The meter must be open."""
+    import time
+
+    from hpqdeploy.measure.recorder import PowerRecorder
+
+    with PowerRecorder(meter) as rec:
+        time.sleep(settle)
+        t0 = time.monotonic()
+        time.sleep(seconds)
+        t1 = time.monotonic()
+        time.sleep(settle)
+    return rec, t0, t1
+
+
+def install_fake_executable(bindir: Path, name: str, script: Path) -> Path:
+    """`script` (Python) as an executable `name` in `bindir`, run by this interpreter."""
+    import sys
+
+    bindir.mkdir(parents=True, exist_ok=True)
+    exe = bindir / name
+    exe.write_text(f"#!{sys.executable}\n" + script.read_text())
+    exe.chmod(0o755)
+    return exe

@@ -3,11 +3,11 @@
 import errno
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from conftest import install_fake_executable, record_window
 
 from hpqdeploy.device_profiles import load_profile
 from hpqdeploy.measure import ina3221
@@ -148,14 +148,22 @@ def test_device_vanishing_during_a_recording(tmp_path):
         rec.window(t0, t1)
 
 
+def fail_reading(monkeypatch, failing: Path, error: OSError) -> None:
+    """Reading `failing` raises `error` (with the path as its filename); every other file reads as it is."""
+    real = ina3221._read_text
+
+    def read(path):
+        if Path(path) == failing:
+            raise type(error)(error.errno, error.strerror, str(path))
+        return real(path)
+
+    monkeypatch.setattr(ina3221, "_read_text", read)
+
+
 def test_recorder_integrates_ina3221_power(tmp_path):
     root = ina_tree(tmp_path / "ina3221", ORIN_NANO)
     meter = open_ina(root, interval_ms=20)
-    with PowerRecorder(meter) as rec:
-        time.sleep(0.03)
-        t0 = time.monotonic()
-        time.sleep(0.15)
-        t1 = time.monotonic()
+    rec, t0, t1 = record_window(meter, 0.15)
     energy = rec.window(t0, t1)
     assert energy.joules == pytest.approx(watts(ORIN_NANO, "1-0040", 1) * (t1 - t0), rel=1e-9)
     assert energy.samples >= 3
@@ -163,15 +171,8 @@ def test_recorder_integrates_ina3221_power(tmp_path):
 
 def test_permission_denied_is_a_reason_not_a_crash(tmp_path, monkeypatch):
     root = ina_tree(tmp_path / "ina3221", ORIN_NANO)
-    denied = path_of(root, "1-0040", "curr2_input")
-    real = ina3221._read_text
-
-    def read(path):
-        if Path(path) == denied:
-            raise PermissionError(errno.EACCES, "Permission denied", str(path))
-        return real(path)
-
-    monkeypatch.setattr(ina3221, "_read_text", read)
+    fail_reading(monkeypatch, path_of(root, "1-0040", "curr2_input"),
+                 PermissionError(errno.EACCES, "Permission denied"))
     with pytest.raises(MeterUnavailable, match=r"cannot read .*curr2_input: permission denied"):
         open_ina(root)
 
@@ -188,15 +189,7 @@ def test_unreadable_file_mode(tmp_path):
 def test_disabled_channel_is_skipped(tmp_path, monkeypatch):
     devices = {**AGX_ORIN, "1-0041": {**AGX_ORIN["1-0041"], 3: ("VDD_SPARE", 0, 0)}}
     root = ina_tree(tmp_path / "ina3221", devices)
-    disabled = path_of(root, "1-0041", "in3_input")
-    real = ina3221._read_text
-
-    def read(path):
-        if Path(path) == disabled:
-            raise OSError(errno.ENODATA, "No data available", str(path))
-        return real(path)
-
-    monkeypatch.setattr(ina3221, "_read_text", read)
+    fail_reading(monkeypatch, path_of(root, "1-0041", "in3_input"), OSError(errno.ENODATA, "No data available"))
     meter = open_ina(root, total_rails=["VDD_GPU_SOC", "VDD_CPU_CV", "VIN_SYS_5V0"])
     assert "VDD_SPARE" not in meter.read().parts
     assert any("VDD_SPARE" in s and "disabled" in s for s in meter.describe()["skipped_channels"])
@@ -274,10 +267,7 @@ def test_parse_line_without_rails():
 def fake_tegrastats(tmp_path, monkeypatch):
     """`tegrastats` on PATH printing the recorded lines of `use(fixture)`; returns `use`."""
     bindir = tmp_path / "bin"
-    bindir.mkdir()
-    exe = bindir / "tegrastats"
-    exe.write_text(f"#!{sys.executable}\n" + (DATA / "fake_tegrastats.py").read_text())
-    exe.chmod(0o755)
+    install_fake_executable(bindir, "tegrastats", DATA / "fake_tegrastats.py")
     monkeypatch.setenv("PATH", str(bindir))
     monkeypatch.setenv("FAKE_TEGRASTATS_ARGS", str(tmp_path / "args.txt"))
     monkeypatch.delenv("FAKE_TEGRASTATS_EXIT_AFTER", raising=False)
@@ -391,11 +381,7 @@ def test_tegrastats_under_the_recorder(fake_tegrastats):
     fake_tegrastats("tegrastats_orin_nano_jp6.txt")
     meter = open_tegrastats(interval_ms=15)
     try:
-        with PowerRecorder(meter) as rec:
-            time.sleep(0.02)
-            t0 = time.monotonic()
-            time.sleep(0.1)
-            t1 = time.monotonic()
+        rec, t0, t1 = record_window(meter, 0.1, settle=0.02)
     finally:
         meter.close()
     energy = rec.window(t0, t1)  # the reading after the window waits for tegrastats' next line: the end is covered

@@ -7,6 +7,7 @@ import time
 import types
 
 import pytest
+from conftest import record_window
 
 from hpqdeploy.device_profiles import load_profile
 from hpqdeploy.errors import UserError
@@ -289,12 +290,7 @@ def test_recorder_integrates_the_window(install):
     meter = get_meter("nvml", {"interval_ms": 10})
     meter.open()
 
-    with PowerRecorder(meter) as rec:
-        time.sleep(0.03)
-        t0 = time.monotonic()
-        time.sleep(0.15)
-        t1 = time.monotonic()
-        time.sleep(0.03)
+    rec, t0, t1 = record_window(meter, 0.15)
     window = rec.window(t0, t1)
     meter.close()
 

@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import record_window
 
 from hpqdeploy.device_profiles import load_profile
 from hpqdeploy.errors import UserError
@@ -248,12 +249,7 @@ def test_recorder_integrates_the_window_across_wraps(tmp_path, monkeypatch):
     linear_counters(monkeypatch, {"package-0": 20.0, "dram": 5.0, "psys": 40.0}, time.monotonic())
     meter = opened(tmp_path, interval_ms=10)
 
-    with PowerRecorder(meter) as rec:
-        time.sleep(0.03)
-        t0 = time.monotonic()
-        time.sleep(0.2)
-        t1 = time.monotonic()
-        time.sleep(0.03)
+    rec, t0, t1 = record_window(meter, 0.2)
     window = rec.window(t0, t1)
 
     assert window.seconds == pytest.approx(t1 - t0)

@@ -1,12 +1,12 @@
 """The trtexec runner against a fake trtexec per TensorRT version: flags, engine build, exported times, window."""
 
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import install_fake_executable
 
 from hpqdeploy.errors import UserError
 from hpqdeploy.lower.tensorrt_rt import ENGINE_FILE, MODEL_FILE, write_build_script
@@ -26,10 +26,7 @@ class Fake:
     def __init__(self, tmp_path: Path, monkeypatch):
         self.monkeypatch, self.args = monkeypatch, tmp_path / "trtexec-args.jsonl"
         bindir = tmp_path / "bin"
-        bindir.mkdir()
-        exe = bindir / "trtexec"
-        exe.write_text(f"#!{sys.executable}\n" + (DATA / "fake_trtexec.py").read_text())
-        exe.chmod(0o755)
+        install_fake_executable(bindir, "trtexec", DATA / "fake_trtexec.py")
         monkeypatch.setenv("PATH", str(bindir))
         monkeypatch.setattr(trtexec, "JETPACK_DIRS", ())
         (tmp_path / "tmp").mkdir()
