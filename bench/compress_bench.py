@@ -92,7 +92,7 @@ def collect(runs: Path, previous: dict) -> dict:
             m["pruning"] = [{k: g[k] for k in ("name", "kind", "units", "kept", "ratio")} for g in plan["pruning"]]
             rows.append(m)
         if rows:
-            kept = {k: v for k, v in previous.get(name, {}).items() if k in ("command", "seconds")}
+            kept = {k: v for k, v in previous.get(name, {}).items() if k in ("command", "seconds", "when")}
             results[name] = {"note": spec["note"], "rows": rows, **kept}
         elif name in previous:
             results[name] = previous[name]
@@ -107,7 +107,7 @@ def markdown(results: dict) -> str:
              "2 cores, one thread each, so wall-clock times are not comparable.\n"]
     for name, blob in results.items():
         rows = blob["rows"]
-        wall = f" ({blob['seconds']} s wall clock)" if blob.get("seconds") else ""
+        wall = f" ({blob['seconds']} s wall clock)" if blob.get("seconds") else f" ({blob['when']})" if blob.get("when") else ""
         made = f"Made by `{blob['command']}`{wall}.\n\n" if blob.get("command") else ""
         parts.append(f"### {name}\n\n{made}{blob['note']}.\n\n{comparison_markdown(rows)}")
         base = next((r for r in rows if r["method"] == "baseline"), None)
