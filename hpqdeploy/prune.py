@@ -3,8 +3,9 @@
 Every coupled set of channels (a DepGraph group: a conv's filters with the BN, the next layers' inputs and the
 residual stream they join) is one allocation unit; transformer attention is pruned by whole heads and the FFN by
 neurons. Each group keeps a multiple of the target's preferred channel count: of the two multiples around
-`units * (1 - ratio)`, the allocation picks per group so that the parameters removed overall reach the ratio while
-the estimated output divergence is smallest. The ratio each group really got is recorded in the plan.
+`units * (1 - ratio)`, the allocation picks per group so that the parameters and MACs removed overall reach what
+pruning every group by exactly the ratio would remove, while the estimated output divergence is smallest. The
+ratio each group really got is recorded in the plan.
 """
 
 from __future__ import annotations
@@ -12,14 +13,13 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 import torch_pruning as tp
 
 from hpqdeploy.importance import channel_criterion, output_divergence, reference_outputs
-from hpqdeploy.metrics import count_macs, count_params
 from hpqdeploy.models.cifar_resnet import ChannelMapShortcut
 
 
@@ -83,7 +83,6 @@ class _Group:
     root: nn.Module
     units: int
     unit_channels: int
-    params_per_unit: float
     importance: torch.Tensor | None = None
 
 
@@ -113,37 +112,21 @@ def _is_transformer(model: nn.Module) -> bool:
     return any(True for _ in _attention_modules(model))
 
 
-def _params_per_channel(group: tp.Group) -> float:
-    total = 0.0
-    for dep, _ in group:
-        m = dep.target.module
-        w = getattr(m, "weight", None)
-        if not isinstance(m, nn.Module) or w is None or w.dim() == 0:
-            continue
-        if dep.handler.__name__ == "prune_out_channels":
-            total += sum(p.numel() / p.shape[0] for p in m.parameters(recurse=False))
-        elif w.dim() > 1:
-            total += w.numel() / w.shape[1]
-    return total
-
-
 def find_groups(model: nn.Module, graph: tp.DependencyGraph) -> list[_Group]:
     names = {m: n for n, m in model.named_modules()}
     groups: list[_Group] = []
     if _is_transformer(model):
         for name, attn, query, heads_attr, head_dim in _attention_modules(model):
             heads = getattr(attn, heads_attr)
-            g = graph.get_pruning_group(query, tp.prune_linear_out_channels, list(range(query.out_features)))
-            groups.append(_Group(name, "heads", query, heads, head_dim, _params_per_channel(g) * head_dim))
+            groups.append(_Group(name, "heads", query, heads, head_dim))
         for name, lin in _ffn_inputs(model):
-            g = graph.get_pruning_group(lin, tp.prune_linear_out_channels, list(range(lin.out_features)))
-            groups.append(_Group(name, "ffn", lin, lin.out_features, 1, _params_per_channel(g)))
+            groups.append(_Group(name, "ffn", lin, lin.out_features, 1))
         return groups
     classifier = [m for m in model.modules() if isinstance(m, nn.Linear)][-1:]
     for g in graph.get_all_groups(ignored_layers=classifier, root_module_types=(nn.Conv2d, nn.Linear)):
         root = g[0].dep.target.module
         n = root.out_channels if isinstance(root, nn.Conv2d) else root.out_features
-        groups.append(_Group(names[root], "channels", root, n, 1, _params_per_channel(g)))
+        groups.append(_Group(names[root], "channels", root, n, 1))
     return groups
 
 
@@ -193,14 +176,77 @@ def candidates(units: int, unit_channels: int, ratio: float, multiple: int) -> l
     return sorted({low, high})
 
 
-def allocate(groups: list[_Group], sensitivity: dict[str, float], cost_per_unit: dict[str, float], ratio: float,
-             multiple: int) -> dict[str, int]:
-    """Choose each group's kept units: remove what pruning every group by exactly `ratio` would remove, at the least
-    estimated loss.
+class CostModel:
+    """Share of the model's parameters and MACs that stays when each group keeps a fraction of its units.
 
-    `cost_per_unit` is a unit's share of the model's parameters plus its share of MACs (measured by pruning that
-    group alone). A group's estimated loss for keeping k units is its measured sensitivity (at the lower candidate)
-    scaled by the share of importance that k removes relative to the lower candidate. Greedy over the candidates.
+    Exact for convolutions, linear layers and norms, not a sum of per-group estimates: a weight whose input and
+    output channels are both pruned is removed once, so a layer's cost scales with the product of the kept
+    fractions of the group that owns its outputs and the group that owns its inputs.
+    """
+
+    def __init__(self, model: nn.Module, graph: tp.DependencyGraph, groups: list[_Group], example_inputs: Any):
+        self.params = float(sum(p.numel() for p in model.parameters()))
+        self.macs = _layer_macs(model, example_inputs)
+        self.base_macs = float(sum(self.macs.values())) or 1.0
+        self.owner_out: dict[nn.Module, str] = {}
+        self.owner_in: dict[nn.Module, str] = {}
+        for g in groups:
+            pg = graph.get_pruning_group(g.root, _handler(g.root), list(range(g.units * g.unit_channels)))
+            for dep, _ in pg:
+                m = dep.target.module
+                if not isinstance(m, nn.Module):
+                    continue
+                side = self.owner_out if dep.handler.__name__ == "prune_out_channels" else self.owner_in
+                side.setdefault(m, g.name)
+        self.modules = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
+
+    def kept_share(self, fractions: dict[str, float]) -> float:
+        """Mean of the parameter share and the MAC share kept (1.0: nothing pruned)."""
+        params = macs = 0.0
+        for m in self.modules:
+            f_out = fractions.get(self.owner_out.get(m, ""), 1.0)
+            f_in = 1.0 if _depthwise(m) else fractions.get(self.owner_in.get(m, ""), 1.0)
+            for p in m.parameters(recurse=False):
+                params += p.numel() * f_out * (f_in if p.dim() > 1 else 1.0)
+            macs += self.macs.get(m, 0.0) * f_out * f_in
+        return 0.5 * (params / self.params + macs / self.base_macs)
+
+
+def _depthwise(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels
+
+
+def _layer_macs(model: nn.Module, example_inputs: Any) -> dict[nn.Module, float]:
+    from hpqdeploy.importance import forward
+
+    macs: dict[nn.Module, float] = {}
+
+    def hook(m, _inputs, out):
+        per_output = m.weight[0].numel()  # (in / groups) * kernel for a conv, in_features for a linear layer
+        macs[m] = macs.get(m, 0.0) + float(out.numel()) * per_output
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    try:
+        with torch.no_grad():
+            was_training = model.training
+            model.eval()
+            forward(model, example_inputs)
+            model.train(was_training)
+    finally:
+        for h in handles:
+            h.remove()
+    return macs
+
+
+def allocate(groups: list[_Group], sensitivity: dict[str, float], kept_share: Callable[[dict[str, float]], float],
+             ratio: float, multiple: int) -> dict[str, int]:
+    """Choose each group's kept units: remove at least what pruning every group by exactly `ratio` would remove
+    (in `kept_share`'s measure of parameters and MACs), at the least estimated loss.
+
+    A group's estimated loss for keeping k units is its measured sensitivity (at the lower candidate) scaled by the
+    share of importance that k removes relative to the lower candidate. Greedy over the candidates: each step takes
+    the cut with the least loss per unit of cost removed until the budget is reached; then cuts that the budget no
+    longer needs are given back, so the model is pruned no further than the ratio asks (up to one rounding step).
     """
     choice, options = {}, {}
     for g in groups:
@@ -210,24 +256,37 @@ def allocate(groups: list[_Group], sensitivity: dict[str, float], cost_per_unit:
         s = max(sensitivity.get(g.name, 0.0), 1e-9)
         options[g.name] = {k: s * float(order[: g.units - k].sum()) / ref for k in cands}
         choice[g.name] = cands[-1]
-    need = sum(ratio * g.units * cost_per_unit[g.name] for g in groups)
-    removed = sum((g.units - choice[g.name]) * cost_per_unit[g.name] for g in groups)
-    while removed < need:
+    units = {g.name: g.units for g in groups}
+
+    def share(kept: dict[str, int]) -> float:
+        return kept_share({n: k / units[n] for n, k in kept.items()})
+
+    target = kept_share({g.name: 1 - ratio for g in groups})
+    current = share(choice)
+    while current > target + 1e-12:
         best = None
         for g in groups:
             lower = [k for k in options[g.name] if k < choice[g.name]]
-            if not lower or cost_per_unit[g.name] <= 0:
+            if not lower:
                 continue
             k = max(lower)
-            gain = (choice[g.name] - k) * cost_per_unit[g.name]
+            after = share({**choice, g.name: k})
+            gain = current - after
+            if gain <= 0:
+                continue
             rate = (options[g.name][k] - options[g.name][choice[g.name]]) / gain
             if best is None or rate < best[0]:
-                best = (rate, g.name, k, gain)
+                best = (rate, g.name, k, after)
         if best is None:
             break
-        _, name, k, gain = best
+        _, name, k, current = best
         choice[name] = k
-        removed += gain
+    # A later, larger cut can make an earlier one unnecessary: give back cuts, costliest in loss first, while the
+    # budget still holds.
+    for g in sorted(groups, key=lambda g: options[g.name][choice[g.name]], reverse=True):
+        higher = [k for k in options[g.name] if k > choice[g.name]]
+        if higher and share({**choice, g.name: min(higher)}) <= target + 1e-12:
+            choice[g.name] = min(higher)
     return choice
 
 
@@ -243,21 +302,19 @@ def plan_pruning(model: nn.Module, example_inputs: Any, calib: list, ratio: floa
     score_groups(model, graph, groups, criterion)
     model.zero_grad(set_to_none=True)
     reference = reference_outputs(model, calib)
-    base_macs, base_params = count_macs(model, example_inputs), count_params(model)
-    sensitivity, cost_per_unit = {}, {}
+    sensitivity = {}
     for i, g in enumerate(groups):
         low = candidates(g.units, g.unit_channels, ratio, multiple)[0]
         if low == g.units:
-            sensitivity[g.name], cost_per_unit[g.name] = 0.0, 0.0
+            sensitivity[g.name] = 0.0
             continue
         trial = copy.deepcopy(model)
         trial_graph = build_graph(trial, example_inputs)
         _prune_one(trial, trial_graph, find_groups(trial, trial_graph)[i],
                    torch.argsort(g.importance)[: g.units - low].tolist())
         sensitivity[g.name] = output_divergence(trial, calib, reference)
-        macs, params = count_macs(trial, example_inputs), count_params(trial)
-        cost_per_unit[g.name] = ((base_params - params) / base_params + (base_macs - macs) / base_macs) / (g.units - low)
-    kept = allocate(groups, sensitivity, cost_per_unit, ratio, multiple)
+    cost = CostModel(model, graph, groups, example_inputs)
+    kept = allocate(groups, sensitivity, cost.kept_share, ratio, multiple)
     return [GroupDecision(g.name, g.kind, g.units, kept[g.name], g.unit_channels, round(sensitivity[g.name], 6),
                           sorted(torch.argsort(g.importance)[: g.units - kept[g.name]].tolist()))
             for g in groups]

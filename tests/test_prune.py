@@ -27,7 +27,7 @@ def test_resnet_groups_cover_every_coupled_set(tiny_resnet, resnet_example):
     graph = build_graph(tiny_resnet, resnet_example)
     groups = {g.name: g for g in find_groups(tiny_resnet, graph)}
     assert {n: g.units for n, g in groups.items()} == {n: u for n, (u, _) in RESNET_GROUPS.items()}
-    assert all(g.kind == "channels" and g.unit_channels == 1 and g.params_per_unit > 0 for g in groups.values())
+    assert all(g.kind == "channels" and g.unit_channels == 1 for g in groups.values())
 
 
 def test_plan_and_apply_shrink_the_resnet(tiny_resnet, resnet_example, resnet_calib):
@@ -190,33 +190,84 @@ def test_candidates(units, unit_channels, ratio, multiple, expected):
 
 def _group(name, units, importance=None):
     imp = importance if importance is not None else torch.arange(1.0, units + 1)
-    return _Group(name, "channels", nn.Identity(), units, 1, 1.0, imp)
+    return _Group(name, "channels", nn.Identity(), units, 1, imp)
+
+
+def _linear_share(groups, cost):
+    """A toy cost: each group's units cost `cost[name]` each, independently of the others."""
+    total = sum(g.units * cost[g.name] for g in groups) or 1.0
+    return lambda fractions: sum(g.units * cost[g.name] * fractions.get(g.name, 1.0) for g in groups) / total
 
 
 def test_allocate_prunes_the_less_sensitive_group_more():
     groups = [_group("a", 16), _group("b", 16)]
-    cost = {"a": 1.0, "b": 1.0}
+    share = _linear_share(groups, {"a": 1.0, "b": 1.0})
     # candidates {8, 12}: both at 12 remove 8 units, the budget 0.3 * 32 = 9.6 needs one group at 8.
-    assert allocate(groups, {"a": 0.01, "b": 1.0}, cost, 0.3, 4) == {"a": 8, "b": 12}
-    assert allocate(groups, {"a": 1.0, "b": 0.01}, cost, 0.3, 4) == {"a": 12, "b": 8}
+    assert allocate(groups, {"a": 0.01, "b": 1.0}, share, 0.3, 4) == {"a": 8, "b": 12}
+    assert allocate(groups, {"a": 1.0, "b": 0.01}, share, 0.3, 4) == {"a": 12, "b": 8}
 
 
-def test_allocate_reaches_the_budget():
+def test_allocate_reaches_the_budget_and_stops_there():
     groups = [_group("a", 16), _group("b", 32), _group("c", 64), _group("d", 8)]
     cost = {"a": 0.02, "b": 0.01, "c": 0.005, "d": 0.0}
+    share = _linear_share(groups, cost)
     sens = {"a": 0.5, "b": 0.1, "c": 0.2, "d": 0.0}
     for ratio in (0.2, 0.3, 0.5):
-        choice = allocate(groups, sens, cost, ratio, 8)
-        need = sum(ratio * g.units * cost[g.name] for g in groups)
-        removed = sum((g.units - choice[g.name]) * cost[g.name] for g in groups)
-        assert removed >= need - 1e-12
+        choice = allocate(groups, sens, share, ratio, 8)
+        kept = share({g.name: choice[g.name] / g.units for g in groups})
+        assert kept <= 1 - ratio + 1e-12
         for g in groups:
             assert choice[g.name] in candidates(g.units, 1, ratio, 8)
+            # undoing any one cut would miss the budget: nothing is pruned beyond what the ratio asks
+            if choice[g.name] < max(candidates(g.units, 1, ratio, 8)) and cost[g.name] > 0:
+                undone = {**choice, g.name: max(candidates(g.units, 1, ratio, 8))}
+                assert share({n: undone[n] / u.units for n, u in zip(undone, groups)}) > 1 - ratio
 
 
 def test_allocate_16_channels_ratio_03():
     assert candidates(16, 1, 0.3, 8) == [8, 16]
-    assert allocate([_group("a", 16)], {"a": 0.3}, {"a": 1.0}, 0.3, 8) == {"a": 8}
+    groups = [_group("a", 16)]
+    assert allocate(groups, {"a": 0.3}, _linear_share(groups, {"a": 1.0}), 0.3, 8) == {"a": 8}
+
+
+def test_cost_model_is_exact_for_a_pruned_resnet(tiny_resnet, resnet_example, resnet_calib):
+    """The allocation's cost model predicts the parameters and MACs of the really pruned model (no double count of
+    weights whose input and output channels are both removed)."""
+    from hpqdeploy.metrics import count_macs
+    from hpqdeploy.prune import CostModel, _layer_macs
+
+    graph = build_graph(tiny_resnet, resnet_example)
+    groups = find_groups(tiny_resnet, graph)
+    cost = CostModel(tiny_resnet, graph, groups, resnet_example)
+    decisions = plan_pruning(tiny_resnet, resnet_example, resnet_calib, 0.4, 8, "taylor")
+    params0 = sum(p.numel() for p in tiny_resnet.parameters())
+    macs0 = sum(_layer_macs(tiny_resnet, resnet_example).values())
+    predicted = cost.kept_share({d.name: d.kept / d.units for d in decisions})
+    pruned = apply_pruning(copy.deepcopy(tiny_resnet), resnet_example, decisions)
+    params1 = sum(p.numel() for p in pruned.parameters())
+    macs1 = sum(_layer_macs(pruned, resnet_example).values())
+    assert predicted == pytest.approx(0.5 * (params1 / params0 + macs1 / macs0), rel=1e-9)
+    assert predicted < 0.9
+    assert macs1 / macs0 == pytest.approx(count_macs(pruned, resnet_example) / count_macs(tiny_resnet, resnet_example),
+                                          abs=0.02)
+
+
+def test_allocation_prunes_no_further_than_the_ratio(tiny_resnet, resnet_example, resnet_calib):
+    """Uniform pruning by the ratio is the budget: the allocation meets it within one rounding step."""
+    from hpqdeploy.prune import CostModel
+
+    graph = build_graph(tiny_resnet, resnet_example)
+    groups = {g.name: g for g in find_groups(tiny_resnet, graph)}
+    cost = CostModel(tiny_resnet, graph, list(groups.values()), resnet_example)
+    decisions = plan_pruning(tiny_resnet, resnet_example, resnet_calib, 0.3, 8, "taylor")
+    kept = {d.name: d.kept for d in decisions}
+    target = cost.kept_share({n: 0.7 for n in groups})
+    assert cost.kept_share({n: k / groups[n].units for n, k in kept.items()}) <= target + 1e-12
+    for d in decisions:
+        high = max(candidates(d.units, d.unit_channels, 0.3, 8))
+        if d.kept < high:  # every cut is needed: undoing it misses the budget
+            undone = {**kept, d.name: high}
+            assert cost.kept_share({n: k / groups[n].units for n, k in undone.items()}) > target
 
 
 def test_decisions_replay_from_json(tiny_resnet, resnet_example, resnet_calib):
