@@ -31,3 +31,20 @@ def replace_section(name: str, heading: str, section: str) -> None:
     head, _, rest = text.partition(begin)
     _, _, tail = rest.partition(end)
     PATH.write_text(f"{head}{begin}\n{section}\n{end}{tail}")
+
+
+def cli(args: list[str], log: Path) -> bool:
+    rc = run_cli(args, log)
+    if rc:
+        print(f"failed: {log}")
+    return rc == 0
+
+
+def export(runs: Path, model: str, source: str, runtime: str, mixed: str = "split") -> Path:
+    """`hpqdeploy export` of `runs/MODEL/SOURCE` into `runs/export/MODEL/SOURCE-RUNTIME`, unless already there."""
+    name = f"{source}-{runtime}" + ("-layer" if mixed == "layer" else "")
+    out = runs / "export" / model / name
+    if not (out / "export.json").exists():
+        cli(["export", str(runs / model / source), "--target", runtime, "--mixed", mixed, "-o", str(out)],
+            runs / "logs" / f"export-{model}-{name}.log")
+    return out

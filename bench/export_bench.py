@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import replace_section, run_cli
+from common import cli, export, replace_section
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNTIMES = ("onnxruntime", "openvino", "executorch", "tensorrt")
@@ -30,22 +30,6 @@ SOURCES = ("baseline", "hybrid")
 # MiniLM hybrid whose linear layers mix 4- and 8-bit channels (the 0.5 default budget leaves them 8-bit)
 B75 = ("hybrid-b75", ["--method", "hybrid", "--low-bit-share", "0.75", "--epochs", "1", "--lr", "5e-5",
                       "--train-limit", "12000"])
-
-
-def cli(args: list[str], log: Path) -> bool:
-    rc = run_cli(args, log)
-    if rc:
-        print(f"failed: {log}")
-    return rc == 0
-
-
-def export(runs: Path, model: str, source: str, runtime: str, mixed: str = "split") -> Path:
-    name = f"{source}-{runtime}" + ("-layer" if mixed == "layer" else "")
-    out = runs / "export" / model / name
-    if not (out / "export.json").exists():
-        cli(["export", str(runs / model / source), "--target", runtime, "--mixed", mixed, "-o", str(out)],
-            runs / "logs" / f"export-{model}-{name}.log")
-    return out
 
 
 def latency(dirs: dict[str, Path], example, iters: int, repeats: int) -> dict[str, dict]:
