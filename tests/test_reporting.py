@@ -427,3 +427,41 @@ def test_a_failure_while_writing_leaves_no_partial_output(results, tmp_path, mon
     run_report([results / "runs"], out)
     assert (out / "report.md").is_file() and not (out / "stale.png").exists()
     assert not (tmp_path / "out.partial").exists()
+
+
+GOLDEN = Path(__file__).parent / "data" / "report" / "golden.md"
+
+
+def _structure(md: str) -> list[tuple]:
+    """What a reader sees, without the prose: headings, every table cell by cell, the embedded pictures."""
+    items: list[tuple] = []
+    table: list[list[str]] = []
+    for line in md.splitlines() + [""]:
+        if line.startswith("|"):
+            if not re.fullmatch(r"\|(\s*:?-+:?\s*\|)+", line.strip()):  # skip the alignment row
+                table.append([c.strip() for c in line.strip().strip("|").split(" | ")])
+            continue
+        if table:
+            items.append(("table", table))
+            table = []
+        if line.startswith("#"):
+            items.append(("heading", line))
+        elif line.startswith("!["):
+            items.append(("picture", line))
+    return items
+
+
+def test_markdown_matches_the_golden_file_structurally(report):
+    """tests/data/report/golden.md was rendered from these recorded results and checked by eye; a change to any
+    heading, table cell, row order or picture shows up here (regenerate it only for an intended change)."""
+    _, out = report
+    got, want = _structure((out / "report.md").read_text()), _structure(GOLDEN.read_text())
+    assert [kind for kind, _ in got] == [kind for kind, _ in want]
+    for (kind, g), (_, w) in zip(got, want):
+        if kind == "table":
+            assert g[0] == w[0], "columns changed"
+            assert len(g) == len(w), f"rows changed under {w[0][:3]}"
+            for grow, wrow in zip(g, w):
+                assert grow == wrow
+        else:
+            assert g == w
