@@ -18,6 +18,7 @@ Writes bench/results/peers.json and the section in BENCHMARKS.md. Usage:
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import shutil
@@ -52,6 +53,14 @@ def build_peer(model: str, name: str, runs: Path) -> None:
     torch.set_num_threads(1)
     peer = all_peers()[name]
     case = Case(model, runs)
+    lock = runs / "peers" / model / f".{name}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # one builder per peer and model; a second one waits, then finds it built
+        _build_runtimes(peer, case, model, name, runs)
+
+
+def _build_runtimes(peer, case, model: str, name: str, runs: Path) -> None:
     for runtime in peer.runtimes:
         out = peer_dir(runs, model, name, runtime)
         if (out / "peer.json").exists():
@@ -268,8 +277,8 @@ def main() -> None:
         with ThreadPoolExecutor(args.parallel) as pool:
             for f in [pool.submit(export, runs[m], m, "baseline", rt) for m in models for rt in RUNTIMES]:
                 f.result()  # the PTQ peers start from the fp32 exports
-            jobs = [pool.submit(spawn_peer, m, p.name, runs[m]) for m in models for p in all_peers().values()
-                    if m in p.models]
+            peers = sorted(all_peers().values(), key=lambda p: p.name != "tp-prune")  # the fine-tuning ones first
+            jobs = [pool.submit(spawn_peer, m, p.name, runs[m]) for p in peers for m in models if m in p.models]
             jobs += [pool.submit(export, runs[m], m, s, rt) for m in models for s in SOURCES[1:] for rt in RUNTIMES]
             for f in jobs:
                 f.result()

@@ -42,8 +42,13 @@ class Case:
 
     @cached_property
     def compress_config(self) -> dict:
-        """The hybrid run's own configuration: the fine-tuning budget and data every peer must match."""
-        return json.loads((self.runs / self.name / "hybrid" / "provenance.json").read_text())["config"]
+        """The methods' own configuration (compress_bench gives them one): the fine-tuning budget and data every
+        peer must match."""
+        for method in ("hybrid", "prune", "quant"):
+            prov = self.runs / self.name / method / "provenance.json"
+            if prov.exists():
+                return json.loads(prov.read_text())["config"]
+        raise FileNotFoundError(f"no compress run under {self.runs / self.name}: run bench/compress_bench.py first")
 
     @cached_property
     def train_config(self) -> TrainConfig:
