@@ -196,16 +196,25 @@ def experiment(
 @app.command()
 def demo(
     output: Path = typer.Option(Path("runs/demo"), "-o", "--output"),
-    epochs: int = typer.Option(3, "--epochs"),
+    epochs: int = typer.Option(3, "--epochs", help="fine-tuning epochs per method (the baseline trains 4x as many)"),
     as_json: bool = typer.Option(False, "--json"),
+    quiet: bool = typer.Option(False, "--quiet"),
 ):
-    """The embedded default end to end: ResNet-20 on scikit-learn's digits, baseline then the three methods."""
-    from hpqdeploy.demo import run_demo
-
-    results = run_demo(output, epochs)
+    """The embedded default end to end: ResNet-20 on scikit-learn's digits, baseline, the three methods, export to
+    the installed runtimes, profile on this CPU, report. Re-run to continue an interrupted demo."""
     from hpqdeploy.cli.tables import comparison_table
+    from hpqdeploy.demo import run_demo
+    from hpqdeploy.experiment.run import summary_table
 
-    _emit(results, as_json, comparison_table(results, f"digits / resnet20, {epochs} epochs each → {output}"))
+    results, summary = run_demo(output, epochs, quiet)
+    if as_json:
+        _emit(results, True, None)
+        return
+    console.print(summary_table(summary))
+    _emit(results, False, comparison_table(results, f"digits / resnet20, {epochs} epochs per method → {output}"))
+    report = Path(summary["out"]) / "report" / "report.md"
+    if report.exists():
+        console.print(f"report: {report} (and report.html beside it)")
 
 
 def _default_batch(data: str) -> int:
