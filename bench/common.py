@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -48,3 +49,21 @@ def export(runs: Path, model: str, source: str, runtime: str, mixed: str = "spli
         cli(["export", str(runs / model / source), "--target", runtime, "--mixed", mixed, "-o", str(out)],
             runs / "logs" / f"export-{model}-{name}.log")
     return out
+
+
+def round_robin(sessions: dict, inputs, iters: int, repeats: int, warmup: int) -> dict[str, list[list[float]]]:
+    """Seconds per call of every session, called in turn on `inputs` (so all see the same machine state), in
+    `repeats` separate passes of `iters` calls each, after `warmup` calls each."""
+    for s in sessions.values():
+        for _ in range(warmup):
+            s(inputs)
+    passes: dict[str, list[list[float]]] = {k: [] for k in sessions}
+    for _ in range(repeats):
+        for k in sessions:
+            passes[k].append([])
+        for _ in range(iters):
+            for k, s in sessions.items():
+                t = time.perf_counter()
+                s(inputs)
+                passes[k][-1].append(time.perf_counter() - t)
+    return passes

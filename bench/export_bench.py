@@ -17,12 +17,11 @@ import json
 import re
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-from common import cli, export, replace_section
+from common import cli, export, replace_section, round_robin
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNTIMES = ("onnxruntime", "openvino", "executorch", "tensorrt")
@@ -41,18 +40,8 @@ def latency(dirs: dict[str, Path], example, iters: int, repeats: int) -> dict[st
     for key, d in dirs.items():
         meta = json.loads((d / "export.json").read_text())
         sessions[key] = get_runtime(meta["runtime"]).load(d, threads=1)
-    passes: dict[str, list[list[float]]] = {k: [] for k in sessions}
-    for k, s in sessions.items():  # warm-up
-        for _ in range(20):
-            s(example)
-    for _ in range(repeats):
-        for k in sessions:
-            passes[k].append([])
-        for _ in range(iters):
-            for k, s in sessions.items():
-                t = time.perf_counter()
-                s(example)
-                passes[k][-1].append((time.perf_counter() - t) * 1e3)
+    passes = {k: [[1e3 * t for t in run] for run in runs]
+              for k, runs in round_robin(sessions, example, iters, repeats, warmup=20).items()}
     out = {}
     for k, runs in passes.items():
         v = [t for run in runs for t in run]

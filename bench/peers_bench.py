@@ -29,7 +29,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import PINNED, ROOT, export, replace_section
+from common import PINNED, ROOT, export, replace_section, round_robin
 
 RUNTIMES = ("onnxruntime", "openvino", "executorch")
 SOURCES = ("baseline", "hybrid", "prune", "quant")
@@ -119,18 +119,7 @@ def evaluate(session, case) -> float:
 
 def throughput(sessions: dict, batch, iters: int, repeats: int) -> dict[str, dict]:
     """Batch-32 calls of every session round-robin (same machine state for all), `repeats` separate passes."""
-    for s in sessions.values():
-        for _ in range(3):
-            s(batch)
-    passes: dict[str, list[list[float]]] = {k: [] for k in sessions}
-    for _ in range(repeats):
-        for k in sessions:
-            passes[k].append([])
-        for _ in range(iters):
-            for k, s in sessions.items():
-                t = time.perf_counter()
-                s(batch)
-                passes[k][-1].append(time.perf_counter() - t)
+    passes = round_robin(sessions, batch, iters, repeats, warmup=3)
     out = {}
     for k, runs in passes.items():
         p50 = statistics.median([t for run in runs for t in run])
