@@ -103,8 +103,10 @@ class OnnxRuntime(Runtime):
 
     def lower(self, ctx: LoweringContext, out_dir: Path) -> Lowered:
         result = export_qdq(ctx.model, ctx.example_inputs, out_dir / MODEL_FILE, ONNXRUNTIME)
-        notes = result.notes() + ["8-bit weights stored as uint8 with zero point 128 (the same values as int8 with "
-                                  "zero point 0): ORT's u8s8 kernels saturate on x86 CPUs without VNNI, u8u8 do not"]
+        notes = result.notes()
+        if any(layer.form == "dq_int8" for layer in result.layers.values()):
+            notes.append("8-bit weights stored as uint8 with zero point 128 (the same values as int8 with zero point "
+                         "0): ORT's u8s8 kernels saturate on x86 CPUs without VNNI, u8u8 do not")
         return Lowered(result.files, notes)
 
     def load(self, out_dir: Path, threads: int = 1) -> Session:
