@@ -208,7 +208,7 @@ def markdown(blob: dict) -> str:
              "pipelines (hpqdeploy hybrid/prune/quant, tp-prune) share one budget: the hybrid run's own epochs, "
              "optimizer and distillation.", ""]
     for model, res in blob["results"].items():
-        lines += [f"### {model}", "", res.get("note", ""), "",
+        lines += [f"### {model}", "", f"Compressed runs and exports under `{res['runs']}` (bench/compress_bench.py).", "",
                   "| tool / row | runtime | accuracy | Δ vs fp32 (pt) | bytes | vs fp32 | batch-32 img/s | per pass | "
                   "vs fp32 |", "|---|---|---|---|---|---|---|---|---|"]
         base = {r["runtime"]: r for r in res["rows"] if r["row"] == "hpqdeploy baseline" and "accuracy" in r}
@@ -235,7 +235,9 @@ def markdown(blob: dict) -> str:
         for r in res["rows"]:
             if r["tool"] != "hpqdeploy" and r["tool"] not in seen and r.get("summary"):
                 seen.add(r["tool"])
-                lines.append(f"- `{r['tool']}`: {r['summary']}")
+                deviations = [n.removeprefix("deviation: ") for n in r.get("notes", []) if n.startswith("deviation:")]
+                lines.append(f"- `{r['tool']}`: {r['summary']}"
+                             + "".join(f". **Deviation:** {d}" for d in deviations))
         lines.append("")
     return "\n".join(lines)
 

@@ -31,7 +31,7 @@ def build(case: Case, runtime: str, out: Path) -> list[str]:
             def transform_for_annotation(self, model):
                 return _float_scalars_to_attrs(model)
 
-        notes.append("stock XNNPACKQuantizer fails on this BERT (IndexError: its scalar-to-tensor transform turns "
+        notes.append("deviation: stock XNNPACKQuantizer fails on this BERT (IndexError: its scalar-to-tensor transform turns "
                      "the attention mask's integer arithmetic float); ran with that transform limited to float ops")
     else:
         Quantizer = XNNPACKQuantizer
@@ -45,7 +45,7 @@ def build(case: Case, runtime: str, out: Path) -> list[str]:
         for name, m in shortcuts:
             _replace(model, name, _selection_conv(m))
         if shortcuts:
-            notes.append(f"stock program does not load (XNNPACK: 'Failed to create StaticConstantPad node', the "
+            notes.append(f"deviation: the stock program does not load (XNNPACK: 'Failed to create StaticConstantPad node', the "
                          f"zero-padding shortcut); {len(shortcuts)} shortcuts swapped for exact one-hot 1x1 "
                          "convolutions (hpqdeploy's rewrite) before quantization")
     example = et_args(case.calib[0][0])
