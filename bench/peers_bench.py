@@ -208,7 +208,8 @@ def markdown(blob: dict) -> str:
              "pipelines (hpqdeploy hybrid/prune/quant, tp-prune) share one budget: the hybrid run's own epochs, "
              "optimizer and distillation.", ""]
     for model, res in blob["results"].items():
-        lines += [f"### {model}", "", f"Compressed runs and exports under `{res['runs']}` (bench/compress_bench.py).", "",
+        lines += [f"### {model}", "",
+                  f"Compressed runs and exports under `{res['runs']}` (bench/compress_bench.py).", "",
                   "| tool / row | runtime | accuracy | Δ vs fp32 (pt) | bytes | vs fp32 | batch-32 img/s | per pass | "
                   "vs fp32 |", "|---|---|---|---|---|---|---|---|---|"]
         base = {r["runtime"]: r for r in res["rows"] if r["row"] == "hpqdeploy baseline" and "accuracy" in r}

@@ -21,6 +21,7 @@ from hpqdeploy.finetune import TrainConfig, loader
 from hpqdeploy.pipeline import DataOptions, load_data
 
 CALIB_BATCHES, BATCH = 8, 32  # as `hpqdeploy export` calibrates
+BATCHES = (1, BATCH)  # the batch sizes every artifact must run (ExecuTorch: one program each)
 
 
 @dataclass

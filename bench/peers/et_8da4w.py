@@ -6,9 +6,10 @@ from pathlib import Path
 
 import torch
 
+from hpqdeploy.lower.executorch_rt import write_programs
+
 from . import peer
-from .case import Case
-from .lowering import write_et_programs
+from .case import BATCHES, Case
 
 
 @peer("et-8da4w", ("executorch",), ("minilm",),
@@ -21,4 +22,4 @@ def build(case: Case, runtime: str, out: Path) -> list[str]:
     model = case.fresh_baseline()
     config = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(32))
     quantize_(model, config, filter_fn=lambda m, _: isinstance(m, torch.nn.Linear) and m.in_features % 32 == 0)
-    return write_et_programs(model, case.example, out)
+    return write_programs(model, case.example, BATCHES, out)[1]

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import torch
 
+from hpqdeploy.lower.executorch_rt import program_args, write_programs
+
 from . import peer
-from .case import Case
-from .lowering import et_args, write_et_programs
+from .case import BATCHES, Case
 
 
 @peer("et-pt2e", ("executorch",), ("resnet20", "minilm"),
@@ -31,8 +32,9 @@ def build(case: Case, runtime: str, out: Path) -> list[str]:
             def transform_for_annotation(self, model):
                 return _float_scalars_to_attrs(model)
 
-        notes.append("deviation: stock XNNPACKQuantizer fails on this BERT (IndexError: its scalar-to-tensor transform turns "
-                     "the attention mask's integer arithmetic float); ran with that transform limited to float ops")
+        notes.append("deviation: stock XNNPACKQuantizer fails on this BERT (IndexError: its scalar-to-tensor "
+                     "transform turns the attention mask's integer arithmetic float); ran with that transform "
+                     "limited to float ops")
     else:
         Quantizer = XNNPACKQuantizer
         # The stock program fails to load ("Failed to create StaticConstantPad node"): XNNPACK rejects the pad of the
@@ -45,15 +47,15 @@ def build(case: Case, runtime: str, out: Path) -> list[str]:
         for name, m in shortcuts:
             _replace(model, name, _selection_conv(m))
         if shortcuts:
-            notes.append(f"deviation: the stock program does not load (XNNPACK: 'Failed to create StaticConstantPad node', the "
-                         f"zero-padding shortcut); {len(shortcuts)} shortcuts swapped for exact one-hot 1x1 "
+            notes.append("deviation: the stock program does not load (XNNPACK: 'Failed to create StaticConstantPad "
+                         f"node', the zero-padding shortcut); {len(shortcuts)} shortcuts swapped for exact one-hot 1x1 "
                          "convolutions (hpqdeploy's rewrite) before quantization")
-    example = et_args(case.calib[0][0])
+    example = program_args(case.calib[0][0])
     free_batch = tuple({0: torch.export.Dim.AUTO} for _ in example)
     graph = torch.export.export(model, example, dynamic_shapes=free_batch).module()
     quantizer = Quantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
     prepared = prepare_pt2e(graph, quantizer)
     with torch.no_grad():
         for inputs, _ in case.calib:
-            prepared(*et_args(inputs))
-    return notes + write_et_programs(convert_pt2e(prepared), case.example, out)
+            prepared(*program_args(inputs))
+    return notes + write_programs(convert_pt2e(prepared), case.example, BATCHES, out)[1]

@@ -24,7 +24,7 @@ from hpqdeploy.lower.base import LoweringContext, get_runtime
 from hpqdeploy.targets import load_target
 
 from . import peer
-from .case import Case
+from .case import BATCHES, Case
 
 RATIO, ROUND_TO = 0.3, 8
 
@@ -49,8 +49,9 @@ def prune(case: Case) -> nn.Module:
         ignored = [m for m in linears if m not in ffn_in and m not in heads]  # everything writing the hidden size
         extra = {"num_heads": heads, "prune_num_heads": True, "prune_head_dims": False, "head_pruning_ratio": RATIO}
     with torch.enable_grad():
-        pruner = tp.pruner.BasePruner(model, _forward_inputs(case), importance=tp.importance.GroupMagnitudeImportance(p=2),
-                                      pruning_ratio=RATIO, ignored_layers=ignored, round_to=ROUND_TO, **extra)
+        pruner = tp.pruner.BasePruner(model, _forward_inputs(case),
+                                      importance=tp.importance.GroupMagnitudeImportance(p=2), pruning_ratio=RATIO,
+                                      ignored_layers=ignored, round_to=ROUND_TO, **extra)
         pruner.step()
     if case.modality == "text":
         for a in attention:
@@ -87,7 +88,7 @@ def build(case: Case, runtime: str, out: Path) -> list[str]:
     model, info = finetuned(case, out.parent)
     rt = get_runtime(runtime)
     ctx = LoweringContext(copy.deepcopy(model), load_target(runtime), case.example, case.calib, case.modality,
-                          (1, 32))
+                          BATCHES)
     notes = rt.lower(ctx, out).notes
     acc = evaluate(model, case.eval_loader())["accuracy"]
     return [f"params {info['params']:,} ({info['params'] / info['baseline_params']:.3f}x); PyTorch accuracy "

@@ -26,7 +26,8 @@ _PROGRAM = "model_b{}.pte"
 _programs_loaded = False
 
 
-def _args(inputs) -> tuple[torch.Tensor, ...]:
+def program_args(inputs) -> tuple[torch.Tensor, ...]:
+    """A batch as the program's positional inputs."""
     return tuple(inputs[k] for k in TEXT_INPUTS) if isinstance(inputs, dict) else (inputs,)
 
 
@@ -43,19 +44,41 @@ def _first_line(exc: Exception) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
+def write_programs(model: torch.nn.Module, example_inputs, batch_sizes,
+                   out_dir: Path) -> tuple[list[Path], list[str]]:
+    """One XNNPACK-delegated program per batch size (`model_b{N}.pte`), with what each left outside XNNPACK."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
+
+    files, notes = [], []
+    for batch in sorted(set(batch_sizes)):
+        program = torch.export.export(model, program_args(_rows(example_inputs, batch)))
+        edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
+        path = out_dir / _PROGRAM.format(batch)
+        fuse = ExecutorchBackendConfig(do_quant_fusion_and_const_prop=True)  # -> quantized embedding kernels
+        path.write_bytes(edge.to_executorch(fuse).buffer)
+        outside = read_program(path)["non_delegated_ops"]
+        if any(op.startswith("torchao::") for op in outside):
+            raise UserError(f"ExecuTorch has no kernel for {sorted(outside)}: a quantized pattern was not fused")
+        files.append(path)
+        notes.append(f"{path.name}: " + (", ".join(f"{op} x{n}" for op, n in sorted(outside.items()))
+                                         + " not delegated to XNNPACK" if outside else "every op delegated to XNNPACK"))
+    return files, notes
+
+
 def _quantize_static(model, plans, ctx: LoweringContext) -> tuple[torch.nn.Module, list[str]]:
     """PT2E static int8 for the plan's static layers: export with a free batch, observe, convert."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     if not ctx.calib:
         raise UserError("ExecuTorch lowering needs calibration batches for XNNPACK's static int8 (none given)")
-    example = _args(_rows(ctx.example_inputs, 2))
+    example = program_args(_rows(ctx.example_inputs, 2))
     free_batch = tuple({0: torch.export.Dim.AUTO} for _ in example)
     graph = torch.export.export(model, example, dynamic_shapes=free_batch).module()
     prepared = prepare_pt2e(graph, static_quantizer({n for n, p in plans.items() if p.role == STATIC}, ctx.modality))
     with torch.no_grad():
         for inputs, _ in ctx.calib:
-            prepared(*_args(inputs))
+            prepared(*program_args(inputs))
     kept, shared = keep_plan_ranges(prepared, plans)
     notes = [f"activation scales: the plan's act_range kept at the input of {kept} static int8 layers"
              + (f"; calibrated on the calibration split ({len(ctx.calib)} batches) where XNNPACK shares the "
@@ -77,9 +100,6 @@ class ExecuTorchRuntime(Runtime):
     modules = ("executorch", "torchao")
 
     def lower(self, ctx: LoweringContext, out_dir: Path) -> Lowered:
-        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-        from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
-
         self.require()
         model, plans, notes = float_twin(ctx.model, ctx.example_inputs)
         roles = Counter(p.role for p in plans.values())
@@ -104,21 +124,8 @@ class ExecuTorchRuntime(Runtime):
                 model, qnotes = _quantize_static(model, plans, ctx)
                 notes += [f"{roles[STATIC]} layer(s) static int8 (PT2E XNNPACKQuantizer, symmetric per-channel "
                           "weights reproducing the plan's scales)"] + qnotes
-            files = []
-            for batch in sorted(set(ctx.batch_sizes)):
-                program = torch.export.export(model, _args(_rows(ctx.example_inputs, batch)))
-                edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()])
-                path = out_dir / _PROGRAM.format(batch)
-                fuse = ExecutorchBackendConfig(do_quant_fusion_and_const_prop=True)  # -> quantized embedding kernels
-                path.write_bytes(edge.to_executorch(fuse).buffer)
-                outside = read_program(path)["non_delegated_ops"]
-                if any(op.startswith("torchao::") for op in outside):
-                    raise UserError(f"ExecuTorch has no kernel for {sorted(outside)}: a quantized pattern was not "
-                                    "fused")
-                files.append(path)
-                notes.append(f"{path.name}: " + (", ".join(f"{op} x{n}" for op, n in sorted(outside.items()))
-                                                 + " not delegated to XNNPACK" if outside
-                                                 else "every op delegated to XNNPACK"))
+            files, program_notes = write_programs(model, ctx.example_inputs, ctx.batch_sizes, out_dir)
+            notes += program_notes
         except UserError:
             raise
         except Exception as exc:  # an op or pattern ExecuTorch cannot take: one line for the user
