@@ -47,11 +47,11 @@ def peer_dir(runs: Path, model: str, peer: str, runtime: str) -> Path:
 def build_peer(model: str, name: str, runs: Path) -> None:
     import torch
 
-    from peers import all_peers
+    from peers import PEERS
     from peers.case import Case
 
     torch.set_num_threads(1)
-    peer = all_peers()[name]
+    peer = PEERS.get(name)
     case = Case(model, runs)
     lock = runs / "peers" / model / f".{name}.lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
@@ -142,7 +142,7 @@ def measure(model: str, runs: Path, iters: int, repeats: int) -> list[dict]:
     entries = [(f"hpqdeploy {s}", "hpqdeploy", s, rt, runs / "export" / model / f"{s}-{rt}")
                for s in SOURCES for rt in RUNTIMES]
     entries += [(f"{p.name}", p.name, None, rt, peer_dir(runs, model, p.name, rt))
-                for p in all_peers().values() if model in p.models for rt in p.runtimes]
+                for p in all_peers() if model in p.models for rt in p.runtimes]
     for label, tool, source, rt, d in entries:
         meta_file = d / ("export.json" if tool == "hpqdeploy" else "peer.json")
         if not meta_file.exists():
@@ -269,7 +269,7 @@ def main() -> None:
         with ThreadPoolExecutor(args.parallel) as pool:
             for f in [pool.submit(export, runs[m], m, "baseline", rt) for m in models for rt in RUNTIMES]:
                 f.result()  # the PTQ peers start from the fp32 exports
-            peers = sorted(all_peers().values(), key=lambda p: p.name != "tp-prune")  # the fine-tuning ones first
+            peers = sorted(all_peers(), key=lambda p: p.name != "tp-prune")  # the fine-tuning ones first
             jobs = [pool.submit(spawn_peer, m, p.name, runs[m]) for p in peers for m in models if m in p.models]
             jobs += [pool.submit(export, runs[m], m, s, rt) for m in models for s in SOURCES[1:] for rt in RUNTIMES]
             for f in jobs:

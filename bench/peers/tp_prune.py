@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import os
-import time
 from pathlib import Path
 
 import torch
@@ -23,7 +22,7 @@ from hpqdeploy.finetune import evaluate, finetune
 from hpqdeploy.lower.base import LoweringContext, get_runtime
 from hpqdeploy.targets import load_target
 
-from . import peer
+from . import PEERS, Peer
 from .case import BATCHES, Case
 
 RATIO, ROUND_TO = 0.3, 8
@@ -60,36 +59,42 @@ def prune(case: Case) -> nn.Module:
     return model.eval()
 
 
-def finetuned(case: Case, root: Path) -> tuple[nn.Module, dict]:
+def finetuned(case: Case, root: Path) -> nn.Module:
     """The pruned model with its fine-tuned weights: trained once per model, reused by every runtime."""
     from safetensors.torch import load_file, save_file
 
     path = root / "tp-prune.safetensors"
     model = prune(case)
-    info = {"params": sum(p.numel() for p in model.parameters()),
-            "baseline_params": sum(p.numel() for p in case.baseline.module.parameters())}
     if not path.exists():
-        start = time.time()
         teacher = case.fresh_baseline() if case.train_config.distill > 0 else None
         finetune(model, case.train_loader(), case.train_config, quiet=True, teacher=teacher)
         tmp = path.with_suffix(".partial")
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
         os.replace(tmp, path)
-        info["finetune_seconds"] = round(time.time() - start, 1)
     model.load_state_dict(load_file(str(path)))
-    return model.eval(), info
+    return model.eval()
 
 
-@peer("tp-prune", ("onnxruntime", "openvino", "executorch"), ("resnet20", "minilm"),
-      f"torch_pruning BasePruner, GroupMagnitudeImportance(p=2), ratio {RATIO}, round_to {ROUND_TO} (ResNet-20: "
-      "block-internal channels only; MiniLM: heads and FFN neurons), fine-tuned with the hybrid's budget, fp32; "
-      "lowered fp32 by hpqdeploy's own runtime code")
-def build(case: Case, runtime: str, out: Path) -> list[str]:
-    model, info = finetuned(case, out.parent)
-    rt = get_runtime(runtime)
-    ctx = LoweringContext(copy.deepcopy(model), load_target(runtime), case.example, case.calib, case.modality,
-                          BATCHES)
-    notes = rt.lower(ctx, out).notes
-    acc = evaluate(model, case.eval_loader())["accuracy"]
-    return [f"params {info['params']:,} ({info['params'] / info['baseline_params']:.3f}x); PyTorch accuracy "
-            f"{100 * acc:.2f}%", *notes]
+@PEERS.register("tp-prune")
+class TpPrune(Peer):
+    runtimes = ("onnxruntime", "openvino", "executorch")
+    models = ("resnet20", "minilm")
+    summary = (f"torch_pruning BasePruner, GroupMagnitudeImportance(p=2), ratio {RATIO}, round_to {ROUND_TO} "
+               "(ResNet-20: block-internal channels only; MiniLM: heads and FFN neurons), fine-tuned with the "
+               "hybrid's budget, fp32; lowered fp32 by hpqdeploy's own runtime code")
+
+    def __init__(self):
+        self._ready: dict[Path, tuple[nn.Module, str]] = {}  # per model: the fine-tuned model and its note
+
+    def build(self, case: Case, runtime: str, out: Path) -> list[str]:
+        if out.parent not in self._ready:
+            model = finetuned(case, out.parent)
+            params = sum(p.numel() for p in model.parameters())
+            baseline = sum(p.numel() for p in case.baseline.module.parameters())
+            acc = evaluate(model, case.eval_loader())["accuracy"]
+            note = f"params {params:,} ({params / baseline:.3f}x); PyTorch accuracy {100 * acc:.2f}%"
+            self._ready[out.parent] = model, note
+        model, note = self._ready[out.parent]
+        ctx = LoweringContext(copy.deepcopy(model), load_target(runtime), case.example, case.calib, case.modality,
+                              BATCHES)
+        return [note, *get_runtime(runtime).lower(ctx, out).notes]
