@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -32,6 +33,14 @@ def replace_section(name: str, heading: str, section: str) -> None:
     head, _, rest = text.partition(begin)
     _, _, tail = rest.partition(end)
     PATH.write_text(f"{head}{begin}\n{section}\n{end}{tail}")
+
+
+def publish(path: Path, blob: dict, name: str, heading: str, section: str) -> None:
+    """Write a benchmark's results (`path`, JSON) and its section of BENCHMARKS.md."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(blob, indent=2) + "\n")
+    replace_section(name, heading, section)
+    print(f"wrote {path} and BENCHMARKS.md")
 
 
 def cli(args: list[str], log: Path) -> bool:

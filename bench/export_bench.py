@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import cli, export, replace_section, round_robin
+from common import cli, export, publish, replace_section, round_robin
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNTIMES = ("onnxruntime", "openvino", "executorch", "tensorrt")
@@ -161,9 +161,7 @@ def main() -> None:
         if mixed:
             previous["results"][f"{model}/mixed"] = [_row(k, d, lat) for k, d in mixed.items()]
         previous["commands"][model] = command
-    out.write_text(json.dumps(previous, indent=2) + "\n")
-    replace_section("export", "export (issue 3)", markdown(previous["results"], previous["commands"]))
-    print(f"wrote {out} and BENCHMARKS.md")
+    publish(out, previous, "export", "export (issue 3)", markdown(previous["results"], previous["commands"]))
 
 
 if __name__ == "__main__":

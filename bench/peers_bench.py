@@ -29,11 +29,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import PINNED, ROOT, export, replace_section, round_robin
+from common import PINNED, ROOT, export, publish, replace_section, round_robin
 
 RUNTIMES = ("onnxruntime", "openvino", "executorch")
 SOURCES = ("baseline", "hybrid", "prune", "quant")
 RESULTS = ROOT / "bench" / "results" / "peers.json"
+HEADING = "peer benchmark (issue 5)"
 GOALS = {"accuracy_points": 1.0, "smaller_than_fp32": 8.0, "throughput_vs_fp32": 1.5,
          "throughput_runtimes": ("openvino", "executorch")}
 
@@ -219,15 +220,15 @@ def markdown(blob: dict) -> str:
                     lines.append(f"| {r['row']} | {rt} | {r['missing']} | | | | | | |")
                     continue
                 b = base.get(rt)
-                speed = (f"{r['throughput_per_s'] / b['throughput_per_s']:.2f}x"
-                         if b and "throughput_per_s" in r else "-")
+                if not b:
+                    lines.append(f"| {r['row']} | {rt} | {100 * r['accuracy']:.2f}% | | {r['bytes']:,} | | | | |")
+                    continue
+                speed = f"{r['throughput_per_s'] / b['throughput_per_s']:.2f}x" if "throughput_per_s" in r else "-"
                 passes = r.get("throughput_per_pass") or []
-                lines.append(
-                    f"| {r['row']} | {rt} | {100 * r['accuracy']:.2f}% | "
-                    f"{100 * (r['accuracy'] - b['accuracy']):+.2f} | {r['bytes']:,} | 1/{b['bytes'] / r['bytes']:.1f} | "
-                    f"{r.get('throughput_per_s', '-')} | "
-                    f"{f'{min(passes):.0f}–{max(passes):.0f}' if passes else '-'} | {speed} |" if b else
-                    f"| {r['row']} | {rt} | {100 * r['accuracy']:.2f}% | | {r['bytes']:,} | | | | |")
+                span = f"{min(passes):.0f}–{max(passes):.0f}" if passes else "-"
+                lines.append(f"| {r['row']} | {rt} | {100 * r['accuracy']:.2f}% | "
+                             f"{100 * (r['accuracy'] - b['accuracy']):+.2f} | {r['bytes']:,} | "
+                             f"1/{b['bytes'] / r['bytes']:.1f} | {r.get('throughput_per_s', '-')} | {span} | {speed} |")
         lines += ["", "Goals for the hybrid (issue 5):", "", "| runtime | goal | measured | met |", "|---|---|---|---|"]
         lines += [f"| {g['runtime']} | {g['goal']} | {g['value']} | {'yes' if g['met'] else '**no**'} |"
                   for g in res["goals"]]
@@ -279,10 +280,10 @@ def main() -> None:
             rows = measure(m, runs[m], args.iters, args.repeats)
             blob["results"][m] = {"rows": rows, "goals": judge(rows), "runs": str(runs[m].relative_to(ROOT))}
         blob.update(command=command, seconds=round(time.time() - start), repeats=args.repeats, iters=args.iters)
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(blob, indent=2) + "\n")
-    replace_section("peers", "peer benchmark (issue 5)", markdown(blob))
-    print(f"wrote {RESULTS} and BENCHMARKS.md")
+        publish(RESULTS, blob, "peers", HEADING, markdown(blob))
+    else:
+        replace_section("peers", HEADING, markdown(blob))
+        print("wrote BENCHMARKS.md")
 
 
 if __name__ == "__main__":

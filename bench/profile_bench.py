@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from common import replace_section, run_cli
+from common import publish, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNTIMES = ("onnxruntime", "openvino", "executorch")
@@ -101,10 +101,7 @@ def main() -> None:
             blob["results"][model] = rows
             blob["commands"][model] = " ".join(["python bench/profile_bench.py", *sys.argv[1:]])
     blob["command"] = "; ".join(f"{v}" for v in blob["commands"].values())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(blob, indent=2) + "\n")
-    replace_section("profile", "profile (issue 4)", markdown(blob))
-    print(f"wrote {out} and BENCHMARKS.md")
+    publish(out, blob, "profile", "profile (issue 4)", markdown(blob))
 
 
 if __name__ == "__main__":
