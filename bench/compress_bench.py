@@ -24,6 +24,10 @@ RESNET_EPOCHS = 6
 
 
 def resnet_spec(epochs: int) -> dict:
+    from hpqdeploy.finetune import TrainConfig
+    from hpqdeploy.pipeline import CompressOptions
+
+    fade = CompressOptions(train=TrainConfig(epochs=epochs)).fade_epochs()
     return {
         "train": ["train", "resnet20", "--data", "cifar10", "--data-dir", str(SHARED / "data/cifar10-jpeg"),
                   "--weights", str(SHARED / "models/cifar10-resnet/resnet20-12fca82f.th"),
@@ -31,7 +35,8 @@ def resnet_spec(epochs: int) -> dict:
         "compress": ["--epochs", str(epochs)],
         "note": f"baseline and every method: {epochs} epochs over the 49,488 JPEG training images (512 held "
                 "out for calibration), Adam lr 1e-3, wd 1e-4, cosine, batch 64; the methods distil from the baseline "
-                "(weight 0.9, T 4); evaluation on all 10,000 test images",
+                f"(weight 0.9, T 4); hybrid and prune fade the removed channels out over the first {fade} of those "
+                "epochs (`--fade 0.3`, the default) before removing them; evaluation on all 10,000 test images",
     }
 
 
@@ -131,6 +136,8 @@ def markdown(results: dict) -> str:
         if hybrid and hybrid["pruning"]:
             kept = ", ".join(f"{g['name']} {g['kept']}/{g['units']}" for g in hybrid["pruning"])
             parts.append(f"\nHybrid pruning, kept/original units per group: {kept}.\n")
+        parts.append("Each row made by (rows of earlier runs are reused where their inputs did not change):\n")
+        parts += [f"- {r['method']}: `{r['command']}`" for r in rows]
         parts.append("")
     return "\n".join(parts)
 

@@ -66,21 +66,26 @@ def training_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_logits: to
 
 
 def finetune(model: nn.Module, data: DataLoader, cfg: TrainConfig, checkpoint: Path | None = None,
-             resume: bool = False, quiet: bool = False, teacher: nn.Module | None = None) -> list[dict]:
+             resume: bool = False, quiet: bool = False, teacher: nn.Module | None = None,
+             span: range | None = None, before_step: Callable[[int, int], None] | None = None) -> list[dict]:
     """Adam with weight decay and a cosine schedule; a checkpoint after every epoch, resumable.
 
     With a `teacher` (the uncompressed model) and `cfg.distill` > 0, the loss adds knowledge distillation: the
     standard way to recover a compressed model's accuracy within a small fine-tuning budget.
+    `span` trains only those epochs of the `cfg.epochs`-long schedule (a run in phases: the learning rate goes on
+    where the previous phase left it); `before_step(step, steps)` is called before each step of the span.
     """
     if teacher is not None:
         teacher.eval()
-    if cfg.epochs <= 0:
+    span = range(cfg.epochs) if span is None else span
+    if len(span) <= 0:
         return []
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed + span.start)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = cfg.epochs * len(data)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    start, history = 0, []
+    steps, offset = cfg.epochs * len(data), span.start * len(data)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s + offset, steps) / steps)))
+    start, history = span.start, []
     if resume and checkpoint is not None and checkpoint.exists():
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
@@ -88,11 +93,13 @@ def finetune(model: nn.Module, data: DataLoader, cfg: TrainConfig, checkpoint: P
         sched.load_state_dict(state["scheduler"])
         start, history = int(state["epoch"]), list(state.get("history", []))
     with progress(quiet) as bar:
-        for epoch in range(start, cfg.epochs):
+        for epoch in range(start, span.stop):
             model.train()
             task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(data), status="")
             running, seen = 0.0, 0
-            for inputs, labels in data:
+            for i, (inputs, labels) in enumerate(data):
+                if before_step is not None:
+                    before_step((epoch - span.start) * len(data) + i, len(span) * len(data))
                 teacher_logits = None
                 if teacher is not None and cfg.distill > 0:
                     with torch.no_grad():

@@ -20,7 +20,7 @@ from hpqdeploy.finetune import TrainConfig, evaluate, finetune, loader
 from hpqdeploy.importance import CRITERIA
 from hpqdeploy.metrics import count_macs, count_params, param_breakdown, weight_bytes
 from hpqdeploy.models import LoadedModel, load_model
-from hpqdeploy.prune import GroupDecision, apply_pruning, plan_pruning
+from hpqdeploy.prune import FadeOut, GroupDecision, apply_pruning, plan_pruning
 from hpqdeploy.quantize import attach, calibrate, quantizable_layers, search_clip
 from hpqdeploy.targets import load_target
 
@@ -51,6 +51,11 @@ class CompressOptions:
     target: str | None = None
     calib_batches: int = 8
     train: TrainConfig = field(default_factory=lambda: TrainConfig(distill=0.9))
+    fade: float = 0.3  # share of the fine-tuning epochs over which pruned channels fade out (0: one-shot removal)
+
+    def fade_epochs(self) -> int:
+        """Whole epochs of fading, leaving at least one epoch to fine-tune the pruned (and quantized) model."""
+        return max(0, min(round(self.fade * self.train.epochs), self.train.epochs - 1))
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -63,6 +68,8 @@ class CompressOptions:
             check_bits(tuple(self.bits))
         if not 0.0 <= self.train.distill < 1.0 or self.train.temperature <= 0:
             raise UserError("--distill must be in [0, 1) and --temperature > 0")
+        if not 0.0 <= self.fade < 1.0:
+            raise UserError(f"--fade must be in [0, 1), got {self.fade}")
         if self.train.epochs < 0 or self.train.lr <= 0 or self.train.batch_size <= 0:
             raise UserError("--epochs must be >= 0, --lr and --batch-size > 0")
 
@@ -184,21 +191,27 @@ def run_compress(baseline_dir: Path, out: Path, opts: CompressOptions, data: Dat
     teacher = copy.deepcopy(model) if cfg.distill > 0 else None
     try:
         analysis = work / "analysis.pt"
-        if resume and analysis.exists():  # reuse the decisions the interrupted run made, then its checkpoint
-            saved = torch.load(analysis, weights_only=True)
+        saved = torch.load(analysis, weights_only=True) if resume and analysis.exists() else {}
+        if "pruning" in saved:  # reuse the decisions the interrupted run made, then its checkpoints
             pruning = [GroupDecision.from_json(d) for d in saved["pruning"]]
-            quant_plan = {n: LayerBits(**lb) for n, lb in saved["quant"].items()}
-        else:
-            if opts.method in ("hybrid", "prune"):
-                pruning = plan_pruning(model, loaded.example_inputs, calib, opts.prune_ratio,
-                                       _pruning_multiple(loaded, opts, target), opts.importance)
-            pruned = apply_pruning(copy.deepcopy(model), loaded.example_inputs, pruning)
-            if opts.method in ("hybrid", "quant"):
-                quant_plan = plan_bits(pruned, calib, target, tuple(opts.bits), opts.low_bit_share,
-                                       opts.importance, opts.act_bits)
-            torch.save({"pruning": [d.to_json() for d in pruning],
-                        "quant": {n: asdict(lb) for n, lb in quant_plan.items()}}, analysis)
+        elif opts.method in ("hybrid", "prune"):
+            pruning = plan_pruning(model, loaded.example_inputs, calib, opts.prune_ratio,
+                                   _pruning_multiple(loaded, opts, target), opts.importance)
+        torch.save({"pruning": [d.to_json() for d in pruning]}, analysis)
+        fade = opts.fade_epochs() if any(d.removed for d in pruning) else 0
+        history = saved.get("fade_history", [])
+        if fade and not (resume and (work / "compress.ckpt").exists()):
+            with FadeOut(model, loaded.example_inputs, pruning) as gates:
+                history = finetune(model, train, cfg, work / "fade.ckpt", resume=resume, quiet=quiet,
+                                   teacher=teacher, span=range(fade), before_step=gates.schedule)
         apply_pruning(model, loaded.example_inputs, pruning)
+        if "quant" in saved:
+            quant_plan = {n: LayerBits(**lb) for n, lb in saved["quant"].items()}
+        elif opts.method in ("hybrid", "quant"):
+            quant_plan = plan_bits(copy.deepcopy(model), calib, target, tuple(opts.bits), opts.low_bit_share,
+                                   opts.importance, opts.act_bits)
+        torch.save({"pruning": [d.to_json() for d in pruning], "fade_history": history,
+                    "quant": {n: asdict(lb) for n, lb in quant_plan.items()}}, analysis)
         macs = count_macs(model, loaded.example_inputs)
         layers = quantizable_layers(model)
         for name, lb in quant_plan.items():
@@ -208,7 +221,8 @@ def run_compress(baseline_dir: Path, out: Path, opts: CompressOptions, data: Dat
         if quant_plan:
             calibrate(model, calib)
         analysis_seconds = time.time() - start
-        history = finetune(model, train, cfg, work / "compress.ckpt", resume=resume, quiet=quiet, teacher=teacher)
+        history += finetune(model, train, cfg, work / "compress.ckpt", resume=resume, quiet=quiet, teacher=teacher,
+                            span=range(fade, cfg.epochs))
     except UserError:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -228,7 +242,7 @@ def run_compress(baseline_dir: Path, out: Path, opts: CompressOptions, data: Dat
         "bytes_ratio": round(size["total"] / fp32, 4),
         "accuracy_drop": round(base.metrics["accuracy"] - acc["accuracy"], 4),
         "low_bit_share": round(share, 4), "low_bit_budget": opts.low_bit_share if quant_plan else 0.0,
-        "pruned_dimensions": _pruned_dimensions(pruning),
+        "pruned_dimensions": _pruned_dimensions(pruning), "fade_epochs": fade,
         "analysis_seconds": round(analysis_seconds, 1), "finetune_seconds": round(time.time() - start - analysis_seconds, 1),
         "history": history,
     }

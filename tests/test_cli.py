@@ -59,6 +59,7 @@ BAD_INPUTS = {  # case -> (arguments, with "{baseline}" for a good baseline arti
     "incompatible weights": (_train("--weights", "resnet56.th"), "does not fit resnet20"),
     "prune ratio 0": (["compress", "{baseline}", "-o", "out", "--prune-ratio", "0"], "--prune-ratio"),
     "prune ratio 1.5": (["compress", "{baseline}", "-o", "out", "--prune-ratio", "1.5"], "--prune-ratio"),
+    "fade 1": (["compress", "{baseline}", "-o", "out", "--fade", "1"], "--fade"),
     "bits 9": (["compress", "{baseline}", "-o", "out", "--method", "quant", "--bits", "9"], "--bits"),
     "unknown target": (["compress", "{baseline}", "-o", "out", "--target", "nosuch"], "unknown target 'nosuch'"),
     "unknown importance": (["compress", "{baseline}", "-o", "out", "--importance", "nosuch"],

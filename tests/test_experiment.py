@@ -203,19 +203,22 @@ class _InterruptAt:
 
 
 def test_interrupted_compress_resumes_from_its_checkpoint(copy, fake_report, monkeypatch):
+    """Pruning runs in two phases (the removed channels fade out over the first epoch, then the pruned model trains
+    on); the interrupted run resumes in the second one, without repeating the first."""
     out = copy.parent / "out"
     copy.write_text(CONFIG.replace("methods = [\"hybrid\", \"prune\", \"quant\"]\nepochs = 1",
-                                   "methods = [\"hybrid\", \"prune\", \"quant\"]\nepochs = 2"))
+                                   "methods = [\"hybrid\", \"prune\", \"quant\"]\nepochs = 3"))
     real_finetune = pipeline.finetune
-    epochs_trained, interrupt_at = {}, {"prune": 2}
+    epochs_trained, interrupt_at = {}, {"prune": 3}
 
-    def interrupting(model, data, cfg, checkpoint=None, resume=False, quiet=False, teacher=None):
+    def interrupting(model, data, cfg, checkpoint=None, *args, **kwargs):
         method = checkpoint.parent.name.removesuffix(".partial")
-        loader = _InterruptAt(data, epoch=interrupt_at.get(method, 0))
+        done = epochs_trained.get(method, 0)  # passes over the data in this method's earlier phases
+        loader = _InterruptAt(data, epoch=interrupt_at.get(method, 0) - done)
         try:
-            return real_finetune(model, loader, cfg, checkpoint, resume, quiet, teacher)
+            return real_finetune(model, loader, cfg, checkpoint, *args, **kwargs)
         finally:
-            epochs_trained[method] = loader.passes
+            epochs_trained[method] = done + loader.passes
 
     monkeypatch.setattr(pipeline, "finetune", interrupting)
     with pytest.raises(KeyboardInterrupt):
@@ -224,6 +227,7 @@ def test_interrupted_compress_resumes_from_its_checkpoint(copy, fake_report, mon
     assert steps["baseline"]["status"] == "done" and steps["compress/hybrid"]["status"] == "done"
     assert steps["compress/prune"]["status"] == "interrupted"
     assert not (out / "compress/prune").exists()  # the stale 1-epoch output is gone, the new one unfinished
+    assert (out / "compress/prune.partial/fade.ckpt").is_file()
     assert (out / "compress/prune.partial/compress.ckpt").is_file()
     hybrid_mtime = (out / "compress/hybrid/model.safetensors").stat().st_mtime_ns
 
@@ -243,9 +247,10 @@ def test_interrupted_compress_resumes_from_its_checkpoint(copy, fake_report, mon
     assert {"compress/prune", "compress/quant", "report"} <= ran(summary)
     assert (out / "compress/hybrid/model.safetensors").stat().st_mtime_ns == hybrid_mtime
     assert resumed == [True, False]  # prune continued its run, quant started fresh
-    assert epochs_trained == {"prune": 1, "quant": 2}  # prune trained only the epoch it had left
-    history = json.loads((out / "compress/prune/metrics.json").read_text())["history"]
-    assert [h["epoch"] for h in history] == [1, 2]
+    assert epochs_trained == {"prune": 1, "quant": 3}  # prune trained only the epoch it had left
+    metrics = json.loads((out / "compress/prune/metrics.json").read_text())
+    assert metrics["fade_epochs"] == 1
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2, 3]
     assert state(copy)["compress/prune"]["resumed"] is True
 
 

@@ -5,9 +5,10 @@ import pytest
 import torch
 import torch.nn as nn
 
+from hpqdeploy.importance import forward
 from hpqdeploy.models.cifar_resnet import ChannelMapShortcut
-from hpqdeploy.prune import (ChannelMapShortcutPruner, GroupDecision, _Group, allocate, apply_pruning, build_graph,
-                             candidates, find_groups, plan_pruning)
+from hpqdeploy.prune import (ChannelMapShortcutPruner, FadeOut, GroupDecision, _Group, allocate, apply_pruning,
+                             build_graph, candidates, find_groups, plan_pruning)
 
 RESNET_GROUPS = {  # group name -> (units, the BN layers whose output is the group's channels)
     "conv1": (16, ["bn1", "layer1.0.bn2"]),  # stage-1 residual stream
@@ -377,3 +378,45 @@ def test_distilbert_heads_pruned(bert_example, bert_calib):
         assert block.attention.n_heads == 2 and block.attention.q_lin.out_features == 32
         assert block.attention.out_lin.in_features == 32 and block.ffn.lin1.out_features == 64
     assert model(**bert_example).shape == (2, 2)
+
+
+def _faded_and_pruned(model, example, decisions, factor):
+    faded, pruned = copy.deepcopy(model), apply_pruning(copy.deepcopy(model), example, decisions)
+    with torch.no_grad(), FadeOut(faded, example, decisions) as gates:
+        gates.factor = factor
+        out = forward(faded, example)
+    return faded, out, forward(pruned, example)
+
+
+def test_fade_out_at_zero_is_the_pruned_model(tiny_resnet, resnet_example, resnet_calib):
+    decisions = plan_pruning(tiny_resnet, resnet_example, resnet_calib, 0.3, 8, "taylor")
+    assert any(d.removed for d in decisions)
+    faded, out, pruned_out = _faded_and_pruned(tiny_resnet, resnet_example, decisions, 0.0)
+    torch.testing.assert_close(out, pruned_out, rtol=1e-4, atol=1e-5)
+    # the hooks are gone after the block: the faded model is the baseline again
+    torch.testing.assert_close(forward(faded, resnet_example), forward(tiny_resnet, resnet_example))
+
+
+def test_fade_out_half_way_is_neither(tiny_resnet, resnet_example, resnet_calib):
+    decisions = plan_pruning(tiny_resnet, resnet_example, resnet_calib, 0.3, 8, "taylor")
+    _, out, pruned_out = _faded_and_pruned(tiny_resnet, resnet_example, decisions, 0.5)
+    with torch.no_grad():
+        full = forward(tiny_resnet, resnet_example)
+    assert not torch.allclose(out, pruned_out, atol=1e-3) and not torch.allclose(out, full, atol=1e-3)
+
+
+def test_bert_fade_out_at_zero_is_the_pruned_model(tiny_bert, bert_example, bert_calib):
+    decisions = plan_pruning(tiny_bert, bert_example, bert_calib, 0.5, 1, "taylor")
+    assert {d.kind for d in decisions if d.removed} == {"heads", "ffn"}
+    _, out, pruned_out = _faded_and_pruned(tiny_bert, bert_example, decisions, 0.0)
+    torch.testing.assert_close(out, pruned_out, rtol=1e-4, atol=1e-5)
+
+
+def test_fade_schedule_falls_from_one_to_zero(tiny_resnet, resnet_example):
+    gates = FadeOut(tiny_resnet, resnet_example, [])
+    factors = []
+    for step in range(10):
+        gates.schedule(step, 10)
+        factors.append(gates.factor)
+    assert factors[0] > 0.95 and factors[-1] == 0.0
+    assert all(a > b for a, b in zip(factors, factors[1:]))

@@ -75,6 +75,8 @@ def compress(
     act_bits: int = typer.Option(8, "--act-bits", help="activation bits (0: float activations)"),
     importance: str = typer.Option("taylor", "--importance", help="taylor | magnitude"),
     target: Optional[str] = typer.Option(None, "--target", help="restrict to what this runtime executes"),
+    fade: float = typer.Option(0.3, "--fade", help="share of the epochs over which pruned channels fade out "
+                                                     "before removal (0: remove at once)"),
     epochs: int = typer.Option(10, "--epochs"),
     lr: float = typer.Option(1e-3, "--lr"),
     weight_decay: float = typer.Option(1e-4, "--weight-decay"),
@@ -100,7 +102,7 @@ def compress(
                                                              "eval_limit": eval_limit}.items() if v is not None}})
     cfg = TrainConfig(epochs, lr, weight_decay, batch_size or _default_batch(data.name), seed, distill, temperature)
     opts = CompressOptions(method, prune_ratio, tuple(bits), low_bit_share, act_bits or None, importance, target,
-                           train=cfg)
+                           train=cfg, fade=fade)
     metrics = run_compress(baseline, output, opts, data, quiet, resume, _command())
     base = artifact.load(baseline).metrics
     _emit(metrics, as_json, comparison_table([base, metrics], f"{method} → {output}"))
