@@ -165,6 +165,17 @@ def _pruned_dimensions(pruning: list[GroupDecision]) -> dict[str, dict]:
     return out
 
 
+def _attach_quantizers(model, quant_plan: dict[str, LayerBits], calib: list) -> None:
+    """Fake quantization per the plan: MSE-searched weight clipping, then activation ranges from calibration."""
+    layers = quantizable_layers(model)
+    for name, lb in quant_plan.items():
+        m = attach(layers[name], lb.bits, lb.act_bits, lb.group_size)
+        m.act_dynamic = lb.act_dynamic
+        m.w_clip.copy_(search_clip(m.weight.detach(), m.w_bits, m.group_size))
+    if quant_plan:
+        calibrate(model, calib)
+
+
 def run_compress(baseline_dir: Path, out: Path, opts: CompressOptions, data: DataOptions | None = None,
                  quiet: bool = False, resume: bool = False, command: str = "") -> dict:
     """Prune and/or quantize a baseline, fine-tune once, evaluate, and write the artifact."""
@@ -199,11 +210,12 @@ def run_compress(baseline_dir: Path, out: Path, opts: CompressOptions, data: Dat
                                    _pruning_multiple(loaded, opts, target), opts.importance)
         torch.save({"pruning": [d.to_json() for d in pruning]}, analysis)
         fade = opts.fade_epochs() if any(d.removed for d in pruning) else 0
-        history = saved.get("fade_history", [])
+        history, fade_seconds = saved.get("fade_history", []), time.time()
         if fade and not (resume and (work / "compress.ckpt").exists()):
             with FadeOut(model, loaded.example_inputs, pruning) as gates:
                 history = finetune(model, train, cfg, work / "fade.ckpt", resume=resume, quiet=quiet,
                                    teacher=teacher, span=range(fade), before_step=gates.schedule)
+        fade_seconds = time.time() - fade_seconds
         apply_pruning(model, loaded.example_inputs, pruning)
         if "quant" in saved:
             quant_plan = {n: LayerBits(**lb) for n, lb in saved["quant"].items()}
@@ -213,14 +225,8 @@ def run_compress(baseline_dir: Path, out: Path, opts: CompressOptions, data: Dat
         torch.save({"pruning": [d.to_json() for d in pruning], "fade_history": history,
                     "quant": {n: asdict(lb) for n, lb in quant_plan.items()}}, analysis)
         macs = count_macs(model, loaded.example_inputs)
-        layers = quantizable_layers(model)
-        for name, lb in quant_plan.items():
-            m = attach(layers[name], lb.bits, lb.act_bits, lb.group_size)
-            m.act_dynamic = lb.act_dynamic
-            m.w_clip.copy_(search_clip(m.weight.detach(), m.w_bits, m.group_size))
-        if quant_plan:
-            calibrate(model, calib)
-        analysis_seconds = time.time() - start
+        _attach_quantizers(model, quant_plan, calib)
+        analysis_seconds = time.time() - start - fade_seconds
         history += finetune(model, train, cfg, work / "compress.ckpt", resume=resume, quiet=quiet, teacher=teacher,
                             span=range(fade, cfg.epochs))
     except UserError:

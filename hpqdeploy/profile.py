@@ -244,7 +244,7 @@ def _timed_repeat(runner: Runner, settings: RunSettings, meter: PowerMeter | Non
     return timing, window
 
 
-def run_profile(export_dir: Path, out: Path, opts: ProfileOptions, quiet: bool = True, command: str = "") -> dict:
+def run_profile(export_dir: Path, out: Path, opts: ProfileOptions, command: str = "") -> dict:
     opts.validate()
     export_dir = Path(export_dir)
     meta = _export_meta(export_dir)

@@ -176,7 +176,7 @@ def _profile_action(cfg: ExperimentConfig, export: Step, batch: int, command: st
         opts = ProfileOptions(p["device"], p["runner"], batch, p["threads"], p["warmup"], p["iters"],
                               p["min_seconds"], p["repeats"], p["idle_seconds"], p["pin_clocks"], p["serial"],
                               _data_dir(cfg), p["meter"])
-        return run_profile(export.output, out, opts, quiet=True, command=command)
+        return run_profile(export.output, out, opts, command=command)
 
     return action
 
