@@ -3,7 +3,10 @@
 Runs the CLI exactly as a user would (one subprocess per step, argument lists, one thread each, two at a time),
 then writes bench/results/compress.json and the table in BENCHMARKS.md. Usage:
 
-    .venv/bin/python bench/compress_bench.py [--only resnet20|minilm] [--runs DIR] [--resnet-epochs N] [--parallel N]
+    .venv/bin/python bench/compress_bench.py [--only NAME] [--runs DIR] [--resnet-epochs N] [--parallel N]
+
+`resnet20-fade` (gradual removal of the pruned channels) and `resnet20-no-kd` (no distillation) are ablations that
+compress `resnet20`'s baseline.
 """
 
 from __future__ import annotations
@@ -24,10 +27,6 @@ RESNET_EPOCHS = 6
 
 
 def resnet_spec(epochs: int) -> dict:
-    from hpqdeploy.finetune import TrainConfig
-    from hpqdeploy.pipeline import CompressOptions
-
-    fade = CompressOptions(train=TrainConfig(epochs=epochs)).fade_epochs()
     return {
         "train": ["train", "resnet20", "--data", "cifar10", "--data-dir", str(SHARED / "data/cifar10-jpeg"),
                   "--weights", str(SHARED / "models/cifar10-resnet/resnet20-12fca82f.th"),
@@ -35,13 +34,39 @@ def resnet_spec(epochs: int) -> dict:
         "compress": ["--epochs", str(epochs)],
         "note": f"baseline and every method: {epochs} epochs over the 49,488 JPEG training images (512 held "
                 "out for calibration), Adam lr 1e-3, wd 1e-4, cosine, batch 64; the methods distil from the baseline "
-                f"(weight 0.9, T 4); hybrid and prune fade the removed channels out over the first {fade} of those "
-                "epochs (`--fade 0.3`, the default) before removing them; evaluation on all 10,000 test images",
+                "(weight 0.9, T 4); pruned channels removed at once; evaluation on all 10,000 test images",
     }
 
 
+def resnet_no_kd_spec(epochs: int) -> dict:
+    """Ablation: prune-only fine-tuned on the labels alone (`--distill 0`), against the same baseline as `resnet20`."""
+    spec = resnet_spec(epochs)
+    return {"baseline_of": "resnet20", "methods": ("prune",), "compress": [*spec["compress"], "--distill", "0"],
+            "note": spec["note"].replace("the methods distil from the baseline (weight 0.9, T 4)",
+                                         "no distillation (`--distill 0`): cross-entropy on the labels alone")}
+
+
+def resnet_fade_spec(epochs: int, fade: float = 0.3) -> dict:
+    """Ablation: the pruning methods with gradual removal, against the same baseline as `resnet20`."""
+    from hpqdeploy.finetune import TrainConfig
+    from hpqdeploy.pipeline import CompressOptions
+
+    spec = resnet_spec(epochs)
+    n = CompressOptions(train=TrainConfig(epochs=epochs), fade=fade).fade_epochs()
+    return {"baseline_of": "resnet20", "methods": ("hybrid", "prune"), "compress": spec["compress"],
+            "prune": ["--fade", str(fade)],
+            "note": spec["note"].replace("pruned channels removed at once",
+                                         f"the pruned channels fade out over the first {n} epochs (`--fade {fade}`), "
+                                         "then are removed and the pruned model trains on")}
+
+
+def resnet_experiments(epochs: int) -> dict:
+    return {"resnet20": resnet_spec(epochs), "resnet20-fade": resnet_fade_spec(epochs),
+            "resnet20-no-kd": resnet_no_kd_spec(epochs)}
+
+
 EXPERIMENTS = {
-    "resnet20": resnet_spec(RESNET_EPOCHS),
+    **resnet_experiments(RESNET_EPOCHS),
     "minilm": {
         "train": ["train", "minilm", "--data", "sst2", "--data-dir", str(SHARED / "data/sst2"), "--epochs", "1",
                   "--lr", "5e-5", "--train-limit", "30000"],
@@ -66,11 +91,14 @@ def run(args: list[str], log: Path) -> None:
 
 def experiment(name: str, runs: Path, pool: ThreadPoolExecutor) -> None:
     spec = EXPERIMENTS[name]
-    base = runs / name / "baseline"
+    base = runs / spec.get("baseline_of", name) / "baseline"
     if not base.exists():
+        if "baseline_of" in spec:
+            raise SystemExit(f"{name} compresses the {spec['baseline_of']} baseline: run --only {spec['baseline_of']} "
+                             "first")
         pool.submit(run, [*spec["train"], "-o", str(base)], runs / "logs" / f"{name}-baseline.log").result()
     futures = []
-    for method in METHODS:
+    for method in spec.get("methods", METHODS):
         out = runs / name / method
         if not out.exists():
             args = ["compress", str(base), "--method", method, "-o", str(out), *spec["compress"]]
@@ -86,8 +114,8 @@ def collect(runs: Path, previous: dict) -> dict:
     results = {}
     for name, spec in EXPERIMENTS.items():
         rows = []
-        for method in ("baseline", *METHODS):
-            d = runs / name / method
+        for method in ("baseline", *spec.get("methods", METHODS)):
+            d = runs / (spec.get("baseline_of", name) if method == "baseline" else name) / method
             if not (d / "metrics.json").exists():
                 continue
             m = json.loads((d / "metrics.json").read_text())
@@ -131,7 +159,9 @@ def markdown(results: dict) -> str:
             if r["method"] != "baseline":
                 parts.append(f"- {r['method']}: params {r['params_ratio']:.3f}x, MACs {r['macs_ratio']:.3f}x, "
                              f"bytes {r['bytes_ratio']:.4f}x (1/{1 / r['bytes_ratio']:.1f}) of the baseline; "
-                             f"accuracy {100 * r['accuracy']:.2f}% vs {100 * r['baseline']['accuracy']:.2f}%")
+                             f"accuracy {100 * r['accuracy']:.2f}% vs {100 * r['baseline']['accuracy']:.2f}%"
+                             + (f"; pruned channels faded out over {r['fade_epochs']} epochs" if r.get("fade_epochs")
+                                else ""))
         hybrid = next((r for r in rows if r["method"] == "hybrid"), None)
         if hybrid and hybrid["pruning"]:
             kept = ", ".join(f"{g['name']} {g['kept']}/{g['units']}" for g in hybrid["pruning"])
@@ -150,14 +180,18 @@ def main() -> None:
     ap.add_argument("--resnet-epochs", type=int, default=RESNET_EPOCHS)
     ap.add_argument("--parallel", type=int, default=2, help="CLI processes at a time (one thread each)")
     args = ap.parse_args()
-    EXPERIMENTS["resnet20"] = resnet_spec(args.resnet_epochs)
+    args.runs = args.runs.resolve()  # the CLI steps run in the repository root
+    EXPERIMENTS.update(resnet_experiments(args.resnet_epochs))
     start = time.time()
     if not args.collect_only:
         names = [args.only] if args.only else list(EXPERIMENTS)
-        # Two processes at a time: the experiments' baselines first, then the methods as slots free up.
-        with ThreadPoolExecutor(len(names)) as drivers, ThreadPoolExecutor(args.parallel) as steps:
-            for f in [drivers.submit(experiment, n, args.runs, steps) for n in names]:
-                f.result()
+        # Two processes at a time: the experiments' baselines first, then the methods as slots free up; the
+        # experiments reusing another's baseline once that one is done.
+        for batch in ([n for n in names if "baseline_of" not in EXPERIMENTS[n]],
+                      [n for n in names if "baseline_of" in EXPERIMENTS[n]]):
+            with ThreadPoolExecutor(max(1, len(batch))) as drivers, ThreadPoolExecutor(args.parallel) as steps:
+                for f in [drivers.submit(experiment, n, args.runs, steps) for n in batch]:
+                    f.result()
     out = ROOT / "bench" / "results" / "compress.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(out.read_text()) if out.exists() else {}

@@ -51,7 +51,7 @@ class CompressOptions:
     target: str | None = None
     calib_batches: int = 8
     train: TrainConfig = field(default_factory=lambda: TrainConfig(distill=0.9))
-    fade: float = 0.3  # share of the fine-tuning epochs over which pruned channels fade out (0: one-shot removal)
+    fade: float = 0.0  # share of the fine-tuning epochs over which pruned channels fade out (0: one-shot removal)
 
     def fade_epochs(self) -> int:
         """Whole epochs of fading, leaving at least one epoch to fine-tune the pruned (and quantized) model."""

@@ -203,11 +203,11 @@ class _InterruptAt:
 
 
 def test_interrupted_compress_resumes_from_its_checkpoint(copy, fake_report, monkeypatch):
-    """Pruning runs in two phases (the removed channels fade out over the first epoch, then the pruned model trains
-    on); the interrupted run resumes in the second one, without repeating the first."""
+    """With `fade`, pruning runs in two phases (the removed channels fade out over the first epoch, then the pruned
+    model trains on); the interrupted run resumes in the second one, without repeating the first."""
     out = copy.parent / "out"
     copy.write_text(CONFIG.replace("methods = [\"hybrid\", \"prune\", \"quant\"]\nepochs = 1",
-                                   "methods = [\"hybrid\", \"prune\", \"quant\"]\nepochs = 3"))
+                                   "methods = [\"hybrid\", \"prune\", \"quant\"]\nepochs = 3\nfade = 0.3"))
     real_finetune = pipeline.finetune
     epochs_trained, interrupt_at = {}, {"prune": 3}
 

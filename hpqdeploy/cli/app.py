@@ -75,7 +75,7 @@ def compress(
     act_bits: int = typer.Option(8, "--act-bits", help="activation bits (0: float activations)"),
     importance: str = typer.Option("taylor", "--importance", help="taylor | magnitude"),
     target: Optional[str] = typer.Option(None, "--target", help="restrict to what this runtime executes"),
-    fade: float = typer.Option(0.3, "--fade", help="share of the epochs over which pruned channels fade out "
+    fade: float = typer.Option(0.0, "--fade", help="share of the epochs over which pruned channels fade out "
                                                      "before removal (0: remove at once)"),
     epochs: int = typer.Option(10, "--epochs"),
     lr: float = typer.Option(1e-3, "--lr"),
