@@ -3,7 +3,7 @@
 Runs the CLI exactly as a user would (one subprocess per step, argument lists, one thread each, two at a time),
 then writes bench/results/compress.json and the table in BENCHMARKS.md. Usage:
 
-    .venv/bin/python bench/compress_bench.py [--only NAME] [--runs DIR] [--resnet-epochs N] [--parallel N]
+    .venv/bin/python bench/compress_bench.py [--only NAME] [--runs DIR] [--resnet-epochs N] [--parallel N] [--resume]
 
 `resnet20-fade` (gradual removal of the pruned channels) and `resnet20-no-kd` (no distillation) are ablations that
 compress `resnet20`'s baseline.
@@ -89,7 +89,7 @@ def run(args: list[str], log: Path) -> None:
         raise SystemExit(f"step failed ({rc}): see {log}")
 
 
-def experiment(name: str, runs: Path, pool: ThreadPoolExecutor) -> None:
+def experiment(name: str, runs: Path, pool: ThreadPoolExecutor, resume: bool = False) -> None:
     spec = EXPERIMENTS[name]
     base = runs / spec.get("baseline_of", name) / "baseline"
     if not base.exists():
@@ -102,6 +102,8 @@ def experiment(name: str, runs: Path, pool: ThreadPoolExecutor) -> None:
         out = runs / name / method
         if not out.exists():
             args = ["compress", str(base), "--method", method, "-o", str(out), *spec["compress"]]
+            if resume and out.with_name(out.name + ".partial").exists():
+                args.append("--resume")
             if method != "quant":
                 args += spec.get("prune", [])
             futures.append(pool.submit(run, args, runs / "logs" / f"{name}-{method}.log"))
@@ -179,6 +181,7 @@ def main() -> None:
     ap.add_argument("--collect-only", action="store_true")
     ap.add_argument("--resnet-epochs", type=int, default=RESNET_EPOCHS)
     ap.add_argument("--parallel", type=int, default=2, help="CLI processes at a time (one thread each)")
+    ap.add_argument("--resume", action="store_true", help="continue interrupted compress steps from their checkpoints")
     args = ap.parse_args()
     args.runs = args.runs.resolve()  # the CLI steps run in the repository root
     EXPERIMENTS.update(resnet_experiments(args.resnet_epochs))
@@ -190,7 +193,7 @@ def main() -> None:
         for batch in ([n for n in names if "baseline_of" not in EXPERIMENTS[n]],
                       [n for n in names if "baseline_of" in EXPERIMENTS[n]]):
             with ThreadPoolExecutor(max(1, len(batch))) as drivers, ThreadPoolExecutor(args.parallel) as steps:
-                for f in [drivers.submit(experiment, n, args.runs, steps) for n in batch]:
+                for f in [drivers.submit(experiment, n, args.runs, steps, args.resume) for n in batch]:
                     f.result()
     out = ROOT / "bench" / "results" / "compress.json"
     out.parent.mkdir(parents=True, exist_ok=True)
