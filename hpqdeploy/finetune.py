@@ -113,7 +113,8 @@ def finetune(model: nn.Module, data: DataLoader, cfg: TrainConfig, checkpoint: P
                 seen += labels.numel()
                 bar.update(task, advance=1, status=f"loss {running / seen:.4f}")
             bar.remove_task(task)
-            history.append({"epoch": epoch + 1, "train_loss": running / max(seen, 1)})
+            history.append({"epoch": epoch + 1, "train_loss": running / max(seen, 1),
+                            "lr": opt.param_groups[0]["lr"]})
             if checkpoint is not None:
                 tmp = checkpoint.with_suffix(".tmp")
                 torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
