@@ -132,7 +132,8 @@ def collect(runs: Path, previous: dict) -> dict:
             m["command"] = prov["command"]
             m["pruning"] = [{k: g[k] for k in ("name", "kind", "units", "kept", "ratio")} for g in plan["pruning"]]
             rows.append(m)
-        if rows:
+        own = [r for r in rows if "baseline_of" not in spec or r["method"] != "baseline"]  # not just the shared one
+        if own:
             kept = {k: v for k, v in previous.get(name, {}).items() if k in ("command", "seconds", "when")}
             results[name] = {"note": spec["note"], "rows": rows, **kept}
         elif name in previous:
