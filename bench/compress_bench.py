@@ -168,8 +168,8 @@ def markdown(results: dict) -> str:
         hybrid = next((r for r in rows if r["method"] == "hybrid"), None)
         if hybrid and hybrid["pruning"]:
             kept = ", ".join(f"{g['name']} {g['kept']}/{g['units']}" for g in hybrid["pruning"])
-            parts.append(f"\nHybrid pruning, kept/original units per group: {kept}.\n")
-        parts.append("Each row made by (rows of earlier runs are reused where their inputs did not change):\n")
+            parts.append(f"\nHybrid pruning, kept/original units per group: {kept}.")
+        parts.append("\nEach row made by (rows of earlier runs are reused where their inputs did not change):\n")
         parts += [f"- {r['method']}: `{r['command']}`" for r in rows]
         parts.append("")
     return "\n".join(parts)
