@@ -115,7 +115,9 @@ def test_plan_json(hybrid):
             assert all(int(m.w_bits[c]) == run["bits"] for c in run["channels"])
         assert len(q["scales"]) == len(q["clip"]) == q["out_channels"]
         assert all(s > 0 for s in q["scales"])
-        assert q["act_bits"] == 8 and q["act_range"][0] <= 0 <= q["act_range"][1]
+        # the observed range (the classifier's input, an average of ReLU outputs, may never reach 0); every
+        # runtime and the fake quantizer widen it to hold 0 (tests/test_quantize.py)
+        assert q["act_bits"] == 8 and q["act_range"][0] <= q["act_range"][1]
         assert q["op"] in ("Conv2d", "Linear")
     assert widths == {4, 8}
     assert set(plan["layer_sensitivity"]) == set(quant)
