@@ -5,8 +5,8 @@ then writes bench/results/compress.json and the table in BENCHMARKS.md. Usage:
 
     .venv/bin/python bench/compress_bench.py [--only NAME] [--runs DIR] [--resnet-epochs N] [--parallel N] [--resume]
 
-`resnet20-fade` (gradual removal of the pruned channels) and `resnet20-no-kd` (no distillation) are ablations that
-compress `resnet20`'s baseline.
+`resnet20-fade` (gradual removal of the pruned channels), `resnet20-no-kd` (no distillation) and
+`resnet20-reconstruct` (least-squares re-fit after the cut) are ablations that compress `resnet20`'s baseline.
 """
 
 from __future__ import annotations
@@ -46,6 +46,16 @@ def resnet_no_kd_spec(epochs: int) -> dict:
                                          "no distillation (`--distill 0`): cross-entropy on the labels alone")}
 
 
+def resnet_reconstruct_spec(epochs: int) -> dict:
+    """Ablation: the pruning methods with least-squares reconstruction after the cut, against `resnet20`'s baseline."""
+    spec = resnet_spec(epochs)
+    return {"baseline_of": "resnet20", "methods": ("hybrid", "prune"), "compress": spec["compress"],
+            "prune": ["--reconstruct"],
+            "note": spec["note"].replace("pruned channels removed at once",
+                                         "pruned channels removed at once, then the layers that read them re-fitted "
+                                         "to the baseline's outputs on the 512 calibration images (`--reconstruct`)")}
+
+
 def resnet_fade_spec(epochs: int, fade: float = 0.3) -> dict:
     """Ablation: the pruning methods with gradual removal, against the same baseline as `resnet20`."""
     from hpqdeploy.finetune import TrainConfig
@@ -62,7 +72,7 @@ def resnet_fade_spec(epochs: int, fade: float = 0.3) -> dict:
 
 def resnet_experiments(epochs: int) -> dict:
     return {"resnet20": resnet_spec(epochs), "resnet20-fade": resnet_fade_spec(epochs),
-            "resnet20-no-kd": resnet_no_kd_spec(epochs)}
+            "resnet20-no-kd": resnet_no_kd_spec(epochs), "resnet20-reconstruct": resnet_reconstruct_spec(epochs)}
 
 
 EXPERIMENTS = {

@@ -22,6 +22,7 @@ from hpqdeploy.metrics import count_macs, count_params, param_breakdown, weight_
 from hpqdeploy.models import LoadedModel, load_model
 from hpqdeploy.prune import FadeOut, GroupDecision, apply_pruning, plan_pruning
 from hpqdeploy.quantize import attach, calibrate, quantizable_layers, search_clip
+from hpqdeploy.reconstruct import reconstruct
 from hpqdeploy.targets import load_target
 
 METHODS = ("hybrid", "prune", "quant")
@@ -52,6 +53,7 @@ class CompressOptions:
     calib_batches: int = 8
     train: TrainConfig = field(default_factory=lambda: TrainConfig(distill=0.9))
     fade: float = 0.0  # share of the fine-tuning epochs over which pruned channels fade out (0: one-shot removal)
+    reconstruct: bool = False  # after one-shot removal, re-fit the layers that lost inputs (least squares)
 
     def fade_epochs(self) -> int:
         """Whole epochs of fading, leaving at least one epoch to fine-tune the pruned (and quantized) model."""
@@ -70,6 +72,8 @@ class CompressOptions:
             raise UserError("--distill must be in [0, 1) and --temperature > 0")
         if not 0.0 <= self.fade < 1.0:
             raise UserError(f"--fade must be in [0, 1), got {self.fade}")
+        if self.reconstruct and self.fade > 0:
+            raise UserError("--reconstruct re-fits layers after channels are removed at once; it does not go with --fade")
         if self.train.epochs < 0 or self.train.lr <= 0 or self.train.batch_size <= 0:
             raise UserError("--epochs must be >= 0, --lr and --batch-size > 0")
 
@@ -200,6 +204,10 @@ def run_compress(baseline_dir: Path, out: Path, opts: CompressOptions, data: Dat
     start = time.time()
     pruning, quant_plan = [], {}
     teacher = copy.deepcopy(model) if cfg.distill > 0 else None
+    original = None  # the unpruned model, which reconstruction fits the pruned layers to
+    if opts.reconstruct and opts.method != "quant":
+        original = teacher if teacher is not None else copy.deepcopy(model)
+    reconstruction = {}
     try:
         analysis = work / "analysis.pt"
         saved = torch.load(analysis, weights_only=True) if resume and analysis.exists() else {}
@@ -217,6 +225,8 @@ def run_compress(baseline_dir: Path, out: Path, opts: CompressOptions, data: Dat
                                    teacher=teacher, span=range(fade), before_step=gates.schedule)
         fade_seconds = time.time() - fade_seconds
         apply_pruning(model, loaded.example_inputs, pruning)
+        if original is not None and any(d.removed for d in pruning):
+            reconstruction = reconstruct(model, original, loaded.example_inputs, pruning, calib)
         if "quant" in saved:
             quant_plan = {n: LayerBits(**lb) for n, lb in saved["quant"].items()}
         elif opts.method in ("hybrid", "quant"):
@@ -249,6 +259,7 @@ def run_compress(baseline_dir: Path, out: Path, opts: CompressOptions, data: Dat
         "accuracy_drop": round(base.metrics["accuracy"] - acc["accuracy"], 4),
         "low_bit_share": round(share, 4), "low_bit_budget": opts.low_bit_share if quant_plan else 0.0,
         "pruned_dimensions": _pruned_dimensions(pruning), "fade_epochs": fade,
+        "reconstruction": {n: {k: round(v, 4) for k, v in r.items()} for n, r in reconstruction.items()} or None,
         "analysis_seconds": round(analysis_seconds, 1), "finetune_seconds": round(time.time() - start - analysis_seconds, 1),
         "history": history,
     }

@@ -332,6 +332,23 @@ def apply_pruning(model: nn.Module, example_inputs: Any, decisions: list[GroupDe
     return model
 
 
+def removed_outputs(model: nn.Module, example_inputs: Any, decisions: list[GroupDecision]) -> dict[nn.Module, list[int]]:
+    """Every module of the unpruned `model` whose outputs the decisions remove, with those output indices."""
+    graph = build_graph(model, example_inputs)
+    groups = {g.name: g for g in find_groups(model, graph)}
+    modules = set(model.modules())
+    removed: dict[nn.Module, set[int]] = {}
+    for d in decisions:
+        if not d.removed:
+            continue
+        g = groups[d.name]
+        for item in graph.get_pruning_group(g.root, _handler(g.root), _channel_idxs(d, d.removed)).items:
+            module = item.dep.target.module
+            if module in modules and graph.is_out_channel_pruning_fn(item.dep.handler):
+                removed.setdefault(module, set()).update(int(i) for i in item.idxs)
+    return {m: sorted(idxs) for m, idxs in removed.items()}
+
+
 class FadeOut:
     """Gradual pruning: scale the outputs of the channels a plan removes by a factor falling from 1 to 0.
 
@@ -347,19 +364,7 @@ class FadeOut:
 
     def __init__(self, model: nn.Module, example_inputs: Any, decisions: list[GroupDecision]):
         self.factor = 1.0
-        graph = build_graph(model, example_inputs)
-        groups = {g.name: g for g in find_groups(model, graph)}
-        modules = set(model.modules())
-        faded: dict[nn.Module, set[int]] = {}
-        for d in decisions:
-            if not d.removed:
-                continue
-            g = groups[d.name]
-            for item in graph.get_pruning_group(g.root, _handler(g.root), _channel_idxs(d, d.removed)).items:
-                module = item.dep.target.module
-                if module in modules and graph.is_out_channel_pruning_fn(item.dep.handler):
-                    faded.setdefault(module, set()).update(int(i) for i in item.idxs)
-        self._channels = {m: torch.tensor(sorted(idxs)) for m, idxs in faded.items()}
+        self._channels = {m: torch.tensor(idxs) for m, idxs in removed_outputs(model, example_inputs, decisions).items()}
         self._hooks: list = []
 
     def _scale(self, module: nn.Module, _inputs, output: torch.Tensor) -> torch.Tensor:

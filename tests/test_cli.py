@@ -60,6 +60,8 @@ BAD_INPUTS = {  # case -> (arguments, with "{baseline}" for a good baseline arti
     "prune ratio 0": (["compress", "{baseline}", "-o", "out", "--prune-ratio", "0"], "--prune-ratio"),
     "prune ratio 1.5": (["compress", "{baseline}", "-o", "out", "--prune-ratio", "1.5"], "--prune-ratio"),
     "fade 1": (["compress", "{baseline}", "-o", "out", "--fade", "1"], "--fade"),
+    "fade and reconstruct": (["compress", "{baseline}", "-o", "out", "--fade", "0.3", "--reconstruct"],
+                             "does not go with --fade"),
     "bits 9": (["compress", "{baseline}", "-o", "out", "--method", "quant", "--bits", "9"], "--bits"),
     "unknown target": (["compress", "{baseline}", "-o", "out", "--target", "nosuch"], "unknown target 'nosuch'"),
     "unknown importance": (["compress", "{baseline}", "-o", "out", "--importance", "nosuch"],
@@ -203,3 +205,14 @@ def test_help_lists_the_commands():
     assert result.exit_code == 0
     for command in ("train", "compress", "demo"):
         assert command in result.stdout
+
+
+def test_cli_reconstruct_refits_and_records(tmp_path, digits_baseline):
+    out = tmp_path / "r"
+    result = runner.invoke(app, ["compress", str(digits_baseline), "-o", str(out), "--method", "prune",
+                                 "--reconstruct", "--epochs", "0", "--json", "--quiet"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(result.stdout)
+    assert metrics["reconstruction"] and metrics == artifact.load(out).metrics
+    assert all(r["error_after"] < r["error_before"] for r in metrics["reconstruction"].values())
+    assert artifact.load(out).provenance["config"]["reconstruct"] is True

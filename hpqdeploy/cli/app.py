@@ -77,6 +77,8 @@ def compress(
     target: Optional[str] = typer.Option(None, "--target", help="restrict to what this runtime executes"),
     fade: float = typer.Option(0.0, "--fade", help="share of the epochs over which pruned channels fade out "
                                                      "before removal (0: remove at once)"),
+    reconstruct: bool = typer.Option(False, "--reconstruct", help="after removing channels, re-fit the layers that "
+                                     "read them to the baseline's outputs (least squares on calibration data)"),
     epochs: int = typer.Option(10, "--epochs"),
     lr: float = typer.Option(1e-3, "--lr"),
     weight_decay: float = typer.Option(1e-4, "--weight-decay"),
@@ -102,7 +104,8 @@ def compress(
                                                              "eval_limit": eval_limit}.items() if v is not None}})
     cfg = TrainConfig(epochs, lr, weight_decay, batch_size or _default_batch(data.name), seed, distill, temperature)
     opts = CompressOptions(method, prune_ratio, tuple(bits), low_bit_share, act_bits or None, importance, target,
-                           train=cfg, fade=fade)
+                           train=cfg, fade=fade,
+                           reconstruct=reconstruct)
     metrics = run_compress(baseline, output, opts, data, quiet, resume, _command())
     base = artifact.load(baseline).metrics
     _emit(metrics, as_json, comparison_table([base, metrics], f"{method} → {output}"))

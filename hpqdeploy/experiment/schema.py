@@ -82,7 +82,7 @@ COMPRESS = {"prune_ratio": Key("float", 0.3, check=_between(0, 1, True, True)),
             "importance": Key("str", "taylor", choices=_names_in("hpqdeploy.importance", "CRITERIA")),
             "target": Key("str", choices=_names_in("hpqdeploy.targets", "target_names")),
             "calib_batches": Key("int", 8, check=_at_least(1)),
-            "fade": Key("float", 0.0, check=_between(0, 1, hi_open=True)),
+            "fade": Key("float", 0.0, check=_between(0, 1, hi_open=True)), "reconstruct": Key("bool", False),
             "distill": Key("float", 0.9, check=_between(0, 1, hi_open=True)),
             "temperature": Key("float", 4.0, check=_positive), **TRAIN}
 EXPORT = {"targets": Key("strs", choices=_runtimes, check=_nonempty),
