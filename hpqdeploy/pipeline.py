@@ -217,7 +217,8 @@ def run_compress(baseline_dir: Path, out: Path, opts: CompressOptions, data: Dat
             pruning = plan_pruning(model, loaded.example_inputs, calib, opts.prune_ratio,
                                    _pruning_multiple(loaded, opts, target), opts.importance)
         torch.save({"pruning": [d.to_json() for d in pruning]}, analysis)
-        fade = opts.fade_epochs() if any(d.removed for d in pruning) else 0
+        cut = any(d.removed for d in pruning)
+        fade = opts.fade_epochs() if cut else 0
         history, fade_seconds = saved.get("fade_history", []), time.time()
         if fade and not (resume and (work / "compress.ckpt").exists()):
             with FadeOut(model, loaded.example_inputs, pruning) as gates:
@@ -225,7 +226,7 @@ def run_compress(baseline_dir: Path, out: Path, opts: CompressOptions, data: Dat
                                    teacher=teacher, span=range(fade), before_step=gates.schedule)
         fade_seconds = time.time() - fade_seconds
         apply_pruning(model, loaded.example_inputs, pruning)
-        if original is not None and any(d.removed for d in pruning):
+        if original is not None and cut:
             reconstruction = reconstruct(model, original, loaded.example_inputs, pruning, calib)
         if "quant" in saved:
             quant_plan = {n: LayerBits(**lb) for n, lb in saved["quant"].items()}

@@ -74,12 +74,7 @@ def reconstruct(pruned: nn.Module, original: nn.Module, example_inputs: Any, dec
                 calib: list, ridge: float = 1e-3) -> dict[str, dict[str, float]]:
     """Re-fit, in place, every convolution and linear layer of `pruned` that lost inputs. Returns per layer the
     relative error of its output against the original's before and after."""
-    kept_by_name: dict[str, torch.Tensor] = {}
     removed = removed_outputs(original, example_inputs, decisions)
-    for name, m in original.named_modules():
-        n_out = m.out_channels if isinstance(m, nn.Conv2d) else m.out_features if isinstance(m, nn.Linear) else 0
-        drop = set(removed.get(m, []))
-        kept_by_name[name] = torch.tensor([i for i in range(n_out) if i not in drop], dtype=torch.long)
     was = pruned.training, original.training
     pruned.eval()
     original.eval()
@@ -89,11 +84,13 @@ def reconstruct(pruned: nn.Module, original: nn.Module, example_inputs: Any, dec
         layer, ref = layers[name], originals[name]
         if not _refittable(layer, ref):
             continue
+        keep = torch.ones(ref.weight.shape[0], dtype=torch.bool)
+        keep[removed.get(ref, [])] = False  # the original layer's outputs the pruned one still has
         xtx = xty = None
         yy = 0.0
         for inputs, _ in calib:
             x = _rows(layer, _capture(pruned, layer, inputs, output=False))
-            y = _targets(ref, _capture(original, ref, inputs, output=True))[:, kept_by_name[name]]
+            y = _targets(ref, _capture(original, ref, inputs, output=True))[:, keep]
             xtx = x.T @ x if xtx is None else xtx + x.T @ x
             xty = x.T @ y if xty is None else xty + x.T @ y
             yy += y.pow(2).sum().item()
