@@ -7,6 +7,9 @@ then writes bench/results/compress.json and the table in BENCHMARKS.md. Usage:
 
 `resnet20-fade` (gradual removal of the pruned channels), `resnet20-no-kd` (no distillation) and
 `resnet20-reconstruct` (least-squares re-fit after the cut) are ablations that compress `resnet20`'s baseline.
+ResNet results are kept per epoch budget: at the plan's default (10 epochs) under the experiment's name, at any other
+budget N under `NAME-eN` (e.g. `resnet20-e6`), so a shorter run never replaces the default's table. `--only` takes
+the experiment's name; `--resnet-epochs` picks the budget.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from common import replace_section, run_cli
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
 
-RESNET_EPOCHS = 6
+RESNET_EPOCHS = 10  # the plan's default
+SHORTER_BUDGETS = (6,)  # committed results at other budgets, collected under NAME-eN
 
 
 def resnet_spec(epochs: int) -> dict:
@@ -71,12 +75,20 @@ def resnet_fade_spec(epochs: int, fade: float = 0.3) -> dict:
 
 
 def resnet_experiments(epochs: int) -> dict:
-    return {"resnet20": resnet_spec(epochs), "resnet20-fade": resnet_fade_spec(epochs),
-            "resnet20-no-kd": resnet_no_kd_spec(epochs), "resnet20-reconstruct": resnet_reconstruct_spec(epochs)}
+    """The ResNet experiments at one epoch budget, keyed `NAME` at the default budget and `NAME-eN` otherwise;
+    `dir` is where their runs live under --runs (the same at every budget: one --runs directory per budget)."""
+    specs = {"resnet20": resnet_spec(epochs), "resnet20-fade": resnet_fade_spec(epochs),
+             "resnet20-no-kd": resnet_no_kd_spec(epochs), "resnet20-reconstruct": resnet_reconstruct_spec(epochs)}
+    return {experiment_key(name, epochs): {**spec, "dir": name} for name, spec in specs.items()}
+
+
+def experiment_key(name: str, epochs: int) -> str:
+    return name if epochs == RESNET_EPOCHS or not name.startswith("resnet") else f"{name}-e{epochs}"
 
 
 EXPERIMENTS = {
     **resnet_experiments(RESNET_EPOCHS),
+    **{k: v for n in SHORTER_BUDGETS for k, v in resnet_experiments(n).items()},
     "minilm": {
         "train": ["train", "minilm", "--data", "sst2", "--data-dir", str(SHARED / "data/sst2"), "--epochs", "1",
                   "--lr", "5e-5", "--train-limit", "30000"],
@@ -101,6 +113,7 @@ def run(args: list[str], log: Path) -> None:
 
 def experiment(name: str, runs: Path, pool: ThreadPoolExecutor, resume: bool = False) -> None:
     spec = EXPERIMENTS[name]
+    name = spec.get("dir", name)
     base = runs / spec.get("baseline_of", name) / "baseline"
     if not base.exists():
         if "baseline_of" in spec:
@@ -121,13 +134,19 @@ def experiment(name: str, runs: Path, pool: ThreadPoolExecutor, resume: bool = F
         f.result()
 
 
-def collect(runs: Path, previous: dict) -> dict:
-    """Results found under `runs`; an experiment with no run there keeps its previously committed results."""
+def collect(runs: Path, previous: dict, names: list[str]) -> dict:
+    """Results of the experiments `names` found under `runs`; every other experiment, and one of `names` with no
+    run there, keeps its previously committed results."""
     results = {}
     for name, spec in EXPERIMENTS.items():
+        if name not in names:
+            if name in previous:
+                results[name] = previous[name]
+            continue
         rows = []
         for method in ("baseline", *spec.get("methods", METHODS)):
-            d = runs / (spec.get("baseline_of", name) if method == "baseline" else name) / method
+            folder = spec.get("dir", name)
+            d = runs / (spec.get("baseline_of", folder) if method == "baseline" else folder) / method
             if not (d / "metrics.json").exists():
                 continue
             m = json.loads((d / "metrics.json").read_text())
@@ -187,7 +206,7 @@ def markdown(results: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", choices=list(EXPERIMENTS))
+    ap.add_argument("--only", choices=sorted({spec.get("dir", name) for name, spec in EXPERIMENTS.items()}))
     ap.add_argument("--runs", type=Path, default=ROOT / "bench" / "runs")
     ap.add_argument("--collect-only", action="store_true")
     ap.add_argument("--resnet-epochs", type=int, default=RESNET_EPOCHS)
@@ -195,10 +214,12 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true", help="continue interrupted compress steps from their checkpoints")
     args = ap.parse_args()
     args.runs = args.runs.resolve()  # the CLI steps run in the repository root
-    EXPERIMENTS.update(resnet_experiments(args.resnet_epochs))
+    budget = resnet_experiments(args.resnet_epochs)
+    EXPERIMENTS.update(budget)
+    active = [*budget, *(n for n in EXPERIMENTS if not n.startswith("resnet"))]  # this run's epoch budget
+    names = [experiment_key(args.only, args.resnet_epochs)] if args.only else active
     start = time.time()
     if not args.collect_only:
-        names = [args.only] if args.only else list(EXPERIMENTS)
         # Two processes at a time: the experiments' baselines first, then the methods as slots free up; the
         # experiments reusing another's baseline once that one is done.
         for batch in ([n for n in names if "baseline_of" not in EXPERIMENTS[n]],
@@ -209,10 +230,10 @@ def main() -> None:
     out = ROOT / "bench" / "results" / "compress.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(out.read_text()) if out.exists() else {}
-    results = collect(args.runs, previous.get("results", {}))
+    results = collect(args.runs, previous.get("results", {}), names)
     if not args.collect_only:
         command = " ".join(["python bench/compress_bench.py", *sys.argv[1:]])
-        for name in [args.only] if args.only else list(EXPERIMENTS):
+        for name in names:
             if name in results:
                 results[name].update(command=command, seconds=round(time.time() - start))
     out.write_text(json.dumps({"results": results}, indent=2) + "\n")
