@@ -6,7 +6,9 @@ then writes bench/results/compress.json and the table in BENCHMARKS.md. Usage:
     .venv/bin/python bench/compress_bench.py [--only NAME] [--runs DIR] [--resnet-epochs N] [--parallel N] [--resume]
 
 `resnet20-fade` (gradual removal of the pruned channels), `resnet20-no-kd` (no distillation) and
-`resnet20-reconstruct` (least-squares re-fit after the cut) are ablations that compress `resnet20`'s baseline.
+`resnet20-reconstruct` (least-squares re-fit after the cut) are ablations, and `resnet20-ratio-0.25` and
+`resnet20-ratio-0.2` (the hybrid pruning less) points of the accuracy/size trade-off, that compress `resnet20`'s
+baseline.
 ResNet results are kept per epoch budget: at the plan's default (10 epochs) under the experiment's name, at any other
 budget N under `NAME-eN` (e.g. `resnet20-e6`), so a shorter run never replaces the default's table. `--only` takes
 the experiment's name; `--resnet-epochs` picks the budget.
@@ -74,11 +76,22 @@ def resnet_fade_spec(epochs: int, fade: float = 0.3) -> dict:
                                          "then are removed and the pruned model trains on")}
 
 
+def resnet_ratio_spec(epochs: int, ratio: float) -> dict:
+    """Trade-off: the hybrid at a smaller pruning ratio than the default 0.3, against `resnet20`'s baseline."""
+    spec = resnet_spec(epochs)
+    return {"baseline_of": "resnet20", "methods": ("hybrid",), "compress": spec["compress"],
+            "prune": ["--prune-ratio", str(ratio)],
+            "note": spec["note"].replace("pruned channels removed at once",
+                                         f"pruning ratio {ratio} (`--prune-ratio {ratio}`; default 0.3), pruned "
+                                         "channels removed at once")}
+
+
 def resnet_experiments(epochs: int) -> dict:
     """The ResNet experiments at one epoch budget, keyed `NAME` at the default budget and `NAME-eN` otherwise;
     `dir` is where their runs live under --runs (the same at every budget: one --runs directory per budget)."""
     specs = {"resnet20": resnet_spec(epochs), "resnet20-fade": resnet_fade_spec(epochs),
-             "resnet20-no-kd": resnet_no_kd_spec(epochs), "resnet20-reconstruct": resnet_reconstruct_spec(epochs)}
+             "resnet20-no-kd": resnet_no_kd_spec(epochs), "resnet20-reconstruct": resnet_reconstruct_spec(epochs),
+             "resnet20-ratio-0.25": resnet_ratio_spec(epochs, 0.25), "resnet20-ratio-0.2": resnet_ratio_spec(epochs, 0.2)}
     return {experiment_key(name, epochs): {**spec, "dir": name} for name, spec in specs.items()}
 
 
