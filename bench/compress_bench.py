@@ -91,7 +91,7 @@ def resnet_experiments(epochs: int) -> dict:
     `dir` is where their runs live under --runs (the same at every budget: one --runs directory per budget)."""
     specs = {"resnet20": resnet_spec(epochs), "resnet20-fade": resnet_fade_spec(epochs),
              "resnet20-no-kd": resnet_no_kd_spec(epochs), "resnet20-reconstruct": resnet_reconstruct_spec(epochs),
-             "resnet20-ratio-0.25": resnet_ratio_spec(epochs, 0.25), "resnet20-ratio-0.2": resnet_ratio_spec(epochs, 0.2)}
+             **{f"resnet20-ratio-{r}": resnet_ratio_spec(epochs, r) for r in (0.25, 0.2)}}
     return {experiment_key(name, epochs): {**spec, "dir": name} for name, spec in specs.items()}
 
 
