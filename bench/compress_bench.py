@@ -156,9 +156,8 @@ def collect(runs: Path, previous: dict, names: list[str]) -> dict:
             if name in previous:
                 results[name] = previous[name]
             continue
-        rows = []
+        rows, folder = [], spec.get("dir", name)
         for method in ("baseline", *spec.get("methods", METHODS)):
-            folder = spec.get("dir", name)
             d = runs / (spec.get("baseline_of", folder) if method == "baseline" else folder) / method
             if not (d / "metrics.json").exists():
                 continue
