@@ -232,8 +232,8 @@ def main() -> None:
     names = [experiment_key(args.only, args.resnet_epochs)] if args.only else active
     start = time.time()
     if not args.collect_only:
-        # Two processes at a time: the experiments' baselines first, then the methods as slots free up; the
-        # experiments reusing another's baseline once that one is done.
+        # `--parallel` CLI processes at a time: the experiments' baselines first, then the methods as slots free
+        # up; the experiments reusing another's baseline once that one is done.
         for batch in ([n for n in names if "baseline_of" not in EXPERIMENTS[n]],
                       [n for n in names if "baseline_of" in EXPERIMENTS[n]]):
             with ThreadPoolExecutor(max(1, len(batch))) as drivers, ThreadPoolExecutor(args.parallel) as steps:

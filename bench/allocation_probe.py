@@ -1,0 +1,104 @@
+"""Probe: fine-tune a hand-set pruning allocation, to test what the allocator should prefer.
+
+`hpqdeploy compress` chooses each group's kept channels itself (hpqdeploy/prune.py `allocate`). This script runs
+the same `compress` pipeline with some groups' kept counts overridden, so an allocation the allocator did not pick
+can be measured with the same data, fine-tuning and evaluation as the acceptance table. It is an experiment, not
+a product feature; its results go to bench/results/allocation_probe.{json,md} beside the command that made them.
+
+    python bench/allocation_probe.py BASELINE_DIR -o DIR --name NAME --keep layer1.1.conv1=16 ... [--method prune]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from hpqdeploy import prune
+from hpqdeploy.finetune import TrainConfig
+from hpqdeploy.pipeline import CompressOptions, run_compress
+
+RESULTS = Path(__file__).parent / "results" / "allocation_probe.json"
+
+
+def parse_keep(items: list[str]) -> dict[str, int]:
+    keep = {}
+    for item in items:
+        name, _, count = item.partition("=")
+        if not count.isdigit():
+            sys.exit(f"--keep wants GROUP=COUNT, got {item!r}")
+        keep[name] = int(count)
+    return keep
+
+
+def with_overrides(keep: dict[str, int]):
+    allocate = prune.allocate
+
+    def overridden(groups, *args, **kwargs):
+        choice = allocate(groups, *args, **kwargs)
+        unknown = set(keep) - set(choice)
+        if unknown:
+            raise SystemExit(f"unknown groups {sorted(unknown)}; the model's groups are {sorted(choice)}")
+        return {**choice, **keep}
+
+    return overridden
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["# Allocation probes", "",
+             "Hand-set pruning allocations fine-tuned like the acceptance table (bench/allocation_probe.py); "
+             "accuracy on the full evaluation split.", "",
+             "| probe | method | epochs | accuracy | baseline | Δ pt | params | MACs | overrides | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        over = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "none"
+        lines.append(f"| {r['name']} | {r['method']} | {r['epochs']} | {r['accuracy']:.2%} | "
+                     f"{r['baseline_accuracy']:.2%} | {100 * (r['accuracy'] - r['baseline_accuracy']):+.2f} | "
+                     f"{r['params_ratio']:.3f}x | {r['macs_ratio']:.3f}x | {over} | {r['seconds']:.0f} |")
+    lines += ["", "Commands:", ""] + [f"- {r['name']}: `{r['command']}`" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("baseline", type=Path, nargs="?")
+    ap.add_argument("-o", "--output", type=Path)
+    ap.add_argument("--name", help="row name in bench/results/allocation_probe.json")
+    ap.add_argument("--keep", nargs="+", default=[], help="GROUP=COUNT overrides of the allocator's choice")
+    ap.add_argument("--method", default="prune", choices=("prune", "hybrid"))
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--render-only", action="store_true", help="rewrite the Markdown from the JSON and stop")
+    args = ap.parse_args()
+    if args.render_only:
+        RESULTS.with_suffix(".md").write_text(markdown(json.loads(RESULTS.read_text())))
+        return
+    if args.baseline is None or args.output is None or not args.name:
+        ap.error("BASELINE, -o and --name are required")
+    torch.set_num_threads(1)
+    keep = parse_keep(args.keep)
+    prune.allocate = with_overrides(keep)
+    command = "python " + shlex.join(sys.argv)
+    start = time.time()
+    opts = CompressOptions(method=args.method, train=TrainConfig(epochs=args.epochs, distill=0.9))
+    metrics = run_compress(args.baseline, args.output, opts, None, True, args.resume, command)
+    plan = json.loads((args.output / "plan.json").read_text())
+    row = {"name": args.name, "command": command, "method": args.method, "epochs": args.epochs,
+           "overrides": keep, "kept": {g["name"]: g["kept"] for g in plan["pruning"]},
+           "accuracy": metrics["accuracy"], "baseline_accuracy": metrics["baseline"]["accuracy"],
+           "params_ratio": metrics["params_ratio"], "macs_ratio": metrics["macs_ratio"],
+           "seconds": round(time.time() - start, 1)}
+    rows = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
+    rows = [r for r in rows if r["name"] != args.name] + [row]
+    RESULTS.write_text(json.dumps(rows, indent=2) + "\n")
+    RESULTS.with_suffix(".md").write_text(markdown(rows))
+    print(json.dumps(row, indent=2))
+
+
+if __name__ == "__main__":
+    main()
