@@ -24,6 +24,7 @@ from hpqdeploy.finetune import TrainConfig
 from hpqdeploy.pipeline import CompressOptions, run_compress
 
 RESULTS = Path(__file__).parent / "results" / "allocation_probe.json"
+COMPRESS = RESULTS.with_name("compress.json")  # the allocator's own choice, for comparison
 
 
 def parse_keep(items: list[str]) -> dict[str, int]:
@@ -49,12 +50,26 @@ def with_overrides(keep: dict[str, int]):
     return overridden
 
 
+def _allocator_row() -> dict | None:
+    if not COMPRESS.exists():
+        return None
+    rows = {r["method"]: r for r in json.loads(COMPRESS.read_text())["results"].get("resnet20", {}).get("rows", [])}
+    if "prune" not in rows or "baseline" not in rows:
+        return None
+    return {**rows["prune"], "baseline": rows["baseline"]["accuracy"]}
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["# Allocation probes", "",
              "Hand-set pruning allocations fine-tuned like the acceptance table (bench/allocation_probe.py); "
              "accuracy on the full evaluation split.", "",
              "| probe | method | epochs | accuracy | baseline | Δ pt | params | MACs | overrides | seconds |",
              "|---|---|---|---|---|---|---|---|---|---|"]
+    reference = _allocator_row()
+    if reference:
+        lines.append(f"| allocator's choice (table `resnet20`) | prune | 10 | {reference['accuracy']:.2%} | "
+                     f"{reference['baseline']:.2%} | {100 * (reference['accuracy'] - reference['baseline']):+.2f} | "
+                     f"{reference['params_ratio']:.3f}x | {reference['macs_ratio']:.3f}x | none | |")
     for r in rows:
         over = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "none"
         lines.append(f"| {r['name']} | {r['method']} | {r['epochs']} | {r['accuracy']:.2%} | "

@@ -109,9 +109,9 @@ EXPERIMENTS = {
         # The goal is encoder parameters <= 0.7x; removing exactly 30% of the heads' and FFN neurons' parameters
         # leaves 0.7000x plus the LayerNorms and hidden-size biases no head or neuron owns, so ask for 31%.
         "prune": ["--prune-ratio", "0.31"],
-        "note": "baseline: 1 epoch over 30,000 SST-2 training sentences, Adam lr 5e-5 (the usual range for a pretrained "
-                "transformer; the plan's 1e-3 was not tried here), batch 32, max length 64; methods: 1 epoch over 12,000 sentences, lr 5e-5, "
-                "pruning ratio 0.31 (0.30 leaves the encoder at 0.70004x: LayerNorms and hidden-size biases are not "
+        "note": "baseline: 1 epoch over 30,000 SST-2 training sentences, Adam lr 5e-5 (the usual range for a "
+                "pretrained transformer; the plan's 1e-3 was not tried here), batch 32, max length 64; methods: 1 "
+                "epoch over 12,000 sentences, lr 5e-5, pruning ratio 0.31 (0.30 leaves the encoder at 0.70004x: LayerNorms and hidden-size biases are not "
                 "prunable), distilling from the baseline (weight 0.9, T 4); evaluation on the full 872-sentence dev set",
     },
 }
@@ -190,7 +190,8 @@ def markdown(results: dict) -> str:
              "2 cores, one thread each, so wall-clock times are not comparable.\n"]
     for name, blob in results.items():
         rows = blob["rows"]
-        wall = f" ({blob['seconds']} s wall clock)" if blob.get("seconds") else f" ({blob['when']})" if blob.get("when") else ""
+        wall = (f" ({blob['seconds']} s wall clock)" if blob.get("seconds")
+                else f" ({blob['when']})" if blob.get("when") else "")
         made = f"Made by `{blob['command']}`{wall}.\n\n" if blob.get("command") else ""
         parts.append(f"### {name}\n\n{made}{blob['note']}.\n\n{comparison_markdown(rows)}")
         base = next((r for r in rows if r["method"] == "baseline"), None)
