@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from hpqdeploy import prune
+from hpqdeploy.errors import UserError
 from hpqdeploy.finetune import TrainConfig
 from hpqdeploy.pipeline import CompressOptions, run_compress
 
@@ -45,6 +46,10 @@ def with_overrides(keep: dict[str, int]):
         unknown = set(keep) - set(choice)
         if unknown:
             raise SystemExit(f"unknown groups {sorted(unknown)}; the model's groups are {sorted(choice)}")
+        units = {g.name: g.units for g in groups}
+        bad = {n: k for n, k in keep.items() if not 0 < k <= units[n]}
+        if bad:
+            raise SystemExit(f"kept counts outside 1..units: {bad} (units: { {n: units[n] for n in bad} })")
         return {**choice, **keep}
 
     return overridden
@@ -101,7 +106,10 @@ def main() -> None:
     command = "python " + shlex.join(sys.argv)
     start = time.time()
     opts = CompressOptions(method=args.method, train=TrainConfig(epochs=args.epochs, distill=0.9))
-    metrics = run_compress(args.baseline, args.output, opts, None, True, args.resume, command)
+    try:
+        metrics = run_compress(args.baseline, args.output, opts, None, True, args.resume, command)
+    except UserError as exc:
+        sys.exit(f"error: {exc}")
     plan = json.loads((args.output / "plan.json").read_text())
     row = {"name": args.name, "command": command, "method": args.method, "epochs": args.epochs,
            "overrides": keep, "kept": {g["name"]: g["kept"] for g in plan["pruning"]},
