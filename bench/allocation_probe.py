@@ -15,13 +15,14 @@ import json
 import shlex
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
+from compress_bench import RESNET_EPOCHS  # the epochs of the `resnet20` table
 from hpqdeploy import prune
 from hpqdeploy.errors import UserError
-from hpqdeploy.finetune import TrainConfig
 from hpqdeploy.pipeline import CompressOptions, run_compress
 
 RESULTS = Path(__file__).parent / "results" / "allocation_probe.json"
@@ -72,7 +73,8 @@ def markdown(rows: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     reference = _allocator_row()
     if reference:
-        lines.append(f"| allocator's choice (table `resnet20`) | prune | 10 | {reference['accuracy']:.2%} | "
+        lines.append(f"| allocator's choice (table `resnet20`) | prune | {RESNET_EPOCHS} | "
+                     f"{reference['accuracy']:.2%} | "
                      f"{reference['baseline']:.2%} | {100 * (reference['accuracy'] - reference['baseline']):+.2f} | "
                      f"{reference['params_ratio']:.3f}x | {reference['macs_ratio']:.3f}x | none | |")
     for r in rows:
@@ -105,7 +107,8 @@ def main() -> None:
     prune.allocate = with_overrides(keep)
     command = "python " + shlex.join(sys.argv)
     start = time.time()
-    opts = CompressOptions(method=args.method, train=TrainConfig(epochs=args.epochs, distill=0.9))
+    opts = CompressOptions(method=args.method)
+    opts.train = replace(opts.train, epochs=args.epochs)  # every other setting is compress's default
     try:
         metrics = run_compress(args.baseline, args.output, opts, None, True, args.resume, command)
     except UserError as exc:

@@ -111,8 +111,9 @@ EXPERIMENTS = {
         "prune": ["--prune-ratio", "0.31"],
         "note": "baseline: 1 epoch over 30,000 SST-2 training sentences, Adam lr 5e-5 (the usual range for a "
                 "pretrained transformer; the plan's 1e-3 was not tried here), batch 32, max length 64; methods: 1 "
-                "epoch over 12,000 sentences, lr 5e-5, pruning ratio 0.31 (0.30 leaves the encoder at 0.70004x: LayerNorms and hidden-size biases are not "
-                "prunable), distilling from the baseline (weight 0.9, T 4); evaluation on the full 872-sentence dev set",
+                "epoch over 12,000 sentences, lr 5e-5, pruning ratio 0.31 (0.30 leaves the encoder at 0.70004x: "
+                "LayerNorms and hidden-size biases are not prunable), distilling from the baseline (weight 0.9, T 4); "
+                "evaluation on the full 872-sentence dev set",
     },
 }
 METHODS = ("hybrid", "prune", "quant")
