@@ -1,11 +1,13 @@
-"""Probe: fine-tune a hand-set pruning allocation, to test what the allocator should prefer.
+"""Probe: fine-tune a hand-set pruning allocation or fine-tuning recipe, to test what compress should prefer.
 
 `hpqdeploy compress` chooses each group's kept channels itself (hpqdeploy/prune.py `allocate`). This script runs
 the same `compress` pipeline with some groups' kept counts overridden, so an allocation the allocator did not pick
-can be measured with the same data, fine-tuning and evaluation as the acceptance table. It is an experiment, not
+can be measured with the same data, fine-tuning and evaluation as the acceptance table; `--seed` repeats a run
+with another fine-tuning seed and `--attention` adds attention transfer to the distillation. It is an experiment, not
 a product feature; its results go to bench/results/allocation_probe.{json,md} beside the command that made them.
 
-    python bench/allocation_probe.py BASELINE_DIR -o DIR --name NAME --keep layer1.1.conv1=16 ... [--method prune]
+    python bench/allocation_probe.py BASELINE_DIR -o DIR --name NAME [--keep layer1.1.conv1=16 ...] [--method prune]
+        [--seed N] [--attention 1000]
 """
 
 from __future__ import annotations
@@ -66,22 +68,27 @@ def _allocator_row() -> dict | None:
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["# Allocation probes", "",
-             "Hand-set pruning allocations fine-tuned like the acceptance table (bench/allocation_probe.py); "
-             "accuracy on the full evaluation split.", "",
-             "| probe | method | epochs | accuracy | baseline | Δ pt | params | MACs | overrides | seconds |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["# Allocation and recipe probes", "",
+             "Hand-set pruning allocations and fine-tuning recipes, fine-tuned like the acceptance table "
+             "(bench/allocation_probe.py); accuracy on the full evaluation split. Recipe: compress's defaults "
+             "unless stated; the seed is compress's `--seed` (calibration sample, data order, augmentation).", "",
+             "| probe | method | epochs | accuracy | baseline | Δ pt | params | MACs | overrides | recipe | seconds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     reference = _allocator_row()
     if reference:
         lines.append(f"| allocator's choice (table `resnet20`) | prune | {RESNET_EPOCHS} | "
                      f"{reference['accuracy']:.2%} | "
                      f"{reference['baseline']:.2%} | {100 * (reference['accuracy'] - reference['baseline']):+.2f} | "
-                     f"{reference['params_ratio']:.3f}x | {reference['macs_ratio']:.3f}x | none | |")
+                     f"{reference['params_ratio']:.3f}x | {reference['macs_ratio']:.3f}x | none | seed 0 | |")
     for r in rows:
         over = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "none"
+        recipe = r.get("recipe", {"seed": 0})
+        recipe = ", ".join([f"seed {recipe['seed']}"] + ([f"attention {recipe['attention']:g} at "
+                                                           f"{'/'.join(recipe['attention_layers'])}"]
+                                                          if recipe.get("attention") else []))
         lines.append(f"| {r['name']} | {r['method']} | {r['epochs']} | {r['accuracy']:.2%} | "
                      f"{r['baseline_accuracy']:.2%} | {100 * (r['accuracy'] - r['baseline_accuracy']):+.2f} | "
-                     f"{r['params_ratio']:.3f}x | {r['macs_ratio']:.3f}x | {over} | {r['seconds']:.0f} |")
+                     f"{r['params_ratio']:.3f}x | {r['macs_ratio']:.3f}x | {over} | {recipe} | {r['seconds']:.0f} |")
     lines += ["", "Commands:", ""] + [f"- {r['name']}: `{r['command']}`" for r in rows]
     return "\n".join(lines) + "\n"
 
@@ -94,6 +101,10 @@ def main() -> None:
     ap.add_argument("--keep", nargs="+", default=[], help="GROUP=COUNT overrides of the allocator's choice")
     ap.add_argument("--method", default="prune", choices=("prune", "hybrid"))
     ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0, help="fine-tuning seed (compress's --seed)")
+    ap.add_argument("--attention", type=float, default=0.0,
+                    help="weight of attention transfer from the baseline (1000 in Zagoruyko & Komodakis)")
+    ap.add_argument("--attention-layers", nargs="+", default=["layer1", "layer2", "layer3"])
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--render-only", action="store_true", help="rewrite the Markdown from the JSON and stop")
     args = ap.parse_args()
@@ -108,14 +119,18 @@ def main() -> None:
     command = "python " + shlex.join(sys.argv)
     start = time.time()
     opts = CompressOptions(method=args.method)
-    opts.train = replace(opts.train, epochs=args.epochs)  # every other setting is compress's default
+    recipe = {"seed": args.seed}
+    if args.attention > 0:
+        recipe.update(attention=args.attention, attention_layers=list(args.attention_layers))
+    opts.train = replace(opts.train, epochs=args.epochs, seed=args.seed, attention=args.attention,
+                         attention_layers=tuple(args.attention_layers))  # the rest is compress's default
     try:
         metrics = run_compress(args.baseline, args.output, opts, None, True, args.resume, command)
     except UserError as exc:
         sys.exit(f"error: {exc}")
     plan = json.loads((args.output / "plan.json").read_text())
     row = {"name": args.name, "command": command, "method": args.method, "epochs": args.epochs,
-           "overrides": keep, "kept": {g["name"]: g["kept"] for g in plan["pruning"]},
+           "overrides": keep, "recipe": recipe, "kept": {g["name"]: g["kept"] for g in plan["pruning"]},
            "accuracy": metrics["accuracy"], "baseline_accuracy": metrics["baseline"]["accuracy"],
            "params_ratio": metrics["params_ratio"], "macs_ratio": metrics["macs_ratio"],
            "seconds": round(time.time() - start, 1)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -25,6 +26,8 @@ class TrainConfig:
     seed: int = 0
     distill: float = 0.0  # weight of the distillation term (0: plain cross-entropy); compress uses the baseline
     temperature: float = 4.0
+    attention: float = 0.0  # weight of attention transfer from the teacher at `attention_layers` (0: off)
+    attention_layers: tuple[str, ...] = ()
 
 
 def loader(dataset: Dataset, collate: Callable, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
@@ -65,6 +68,53 @@ def training_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_logits: to
     return (1 - cfg.distill) * ce + cfg.distill * kd
 
 
+def attention_map(features: torch.Tensor) -> torch.Tensor:
+    """Spatial attention of a feature map (Zagoruyko & Komodakis, 2017): the channel mean of squared activations,
+    flattened and L2-normalised. It needs no projection, so a pruned student with fewer channels can match its
+    teacher's map directly."""
+    return F.normalize(features.pow(2).mean(1).flatten(1), dim=1)
+
+
+class FeatureTap:
+    """Keeps the outputs of named submodules from the latest forward pass."""
+
+    def __init__(self, model: nn.Module, names: tuple[str, ...]):
+        modules = dict(model.named_modules())
+        missing = [n for n in names if n not in modules]
+        if missing:
+            raise ValueError(f"no submodule named {', '.join(missing)}")
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.handles = [modules[n].register_forward_hook(self._keep(n)) for n in names]
+
+    def _keep(self, name: str):
+        def hook(module, args, output):
+            self.outputs[name] = output
+        return hook
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def attention_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean squared difference of attention maps, summed over the tapped layers, halved as in the paper."""
+    return sum((attention_map(student[n]) - attention_map(teacher[n])).pow(2).mean() for n in teacher) / 2
+
+
+@contextmanager
+def attention_taps(model: nn.Module, teacher: nn.Module | None, cfg: TrainConfig):
+    """(student tap, teacher tap) while training when attention transfer is on, else None; hooks removed after."""
+    if teacher is None or cfg.distill <= 0 or cfg.attention <= 0 or not cfg.attention_layers:
+        yield None
+        return
+    taps = FeatureTap(model, cfg.attention_layers), FeatureTap(teacher, cfg.attention_layers)
+    try:
+        yield taps
+    finally:
+        for tap in taps:
+            tap.close()
+
+
 def finetune(model: nn.Module, data: DataLoader, cfg: TrainConfig, checkpoint: Path | None = None,
              resume: bool = False, quiet: bool = False, teacher: nn.Module | None = None,
              span: range | None = None, before_step: Callable[[int, int], None] | None = None) -> list[dict]:
@@ -72,6 +122,7 @@ def finetune(model: nn.Module, data: DataLoader, cfg: TrainConfig, checkpoint: P
 
     With a `teacher` (the uncompressed model) and `cfg.distill` > 0, the loss adds knowledge distillation: the
     standard way to recover a compressed model's accuracy within a small fine-tuning budget.
+    With `cfg.attention` > 0 it also matches the teacher's spatial attention at `cfg.attention_layers`.
     `span` trains only those epochs of the `cfg.epochs`-long schedule (a run in phases: the learning rate goes on
     where the previous phase left it); `before_step(step, steps)` is called before each step of the span.
     """
@@ -92,7 +143,7 @@ def finetune(model: nn.Module, data: DataLoader, cfg: TrainConfig, checkpoint: P
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start, history = int(state["epoch"]), list(state.get("history", []))
-    with progress(quiet) as bar:
+    with attention_taps(model, teacher, cfg) as taps, progress(quiet) as bar:
         for epoch in range(start, span.stop):
             model.train()
             task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(data), status="")
@@ -105,6 +156,8 @@ def finetune(model: nn.Module, data: DataLoader, cfg: TrainConfig, checkpoint: P
                     with torch.no_grad():
                         teacher_logits = forward(teacher, inputs)
                 loss = training_loss(forward(model, inputs), labels, teacher_logits, cfg)
+                if taps is not None:
+                    loss = loss + cfg.attention * attention_loss(taps[0].outputs, taps[1].outputs)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

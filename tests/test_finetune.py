@@ -1,12 +1,15 @@
 """The fine-tuning loop: one cosine schedule across phases, the per-step hook, the distillation loss."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset, default_collate
 
-from hpqdeploy.finetune import TrainConfig, finetune, loader, training_loss
+from hpqdeploy.finetune import (FeatureTap, TrainConfig, attention_loss, attention_map, finetune, loader,
+                                training_loss)
 
 
 def _setup(seed: int = 0):
@@ -42,3 +45,39 @@ def test_distillation_mixes_cross_entropy_and_teacher_agreement():
     # a teacher that agrees exactly adds nothing beyond the weighted cross-entropy
     assert training_loss(logits, labels, logits, TrainConfig(distill=0.9)).item() == pytest.approx(0.1 * ce.item())
     assert training_loss(logits, labels, -logits, TrainConfig(distill=0.9)).item() > ce.item()
+
+
+def test_attention_map_ignores_channel_count_so_a_pruned_student_can_match():
+    x = torch.randn(2, 4, 5, 5)
+    same = attention_map(torch.cat([x, x], dim=1))  # twice the channels, same channel mean
+    assert torch.allclose(attention_map(x), same, atol=1e-6)
+    assert torch.allclose(attention_map(x).norm(dim=1), torch.ones(2))
+    assert attention_loss({"a": x}, {"a": torch.cat([x, x], 1)}).item() == pytest.approx(0.0, abs=1e-9)
+    assert attention_loss({"a": x}, {"a": torch.randn(2, 4, 5, 5)}).item() > 0
+
+
+def _conv_setup(seed: int = 0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+    data = TensorDataset(torch.randn(16, 1, 6, 6), torch.randint(0, 3, (16,)))
+    return model, loader(data, default_collate, batch_size=8, shuffle=False)
+
+
+def test_attention_transfer_adds_to_the_loss_and_leaves_no_hooks():
+    teacher, data = _conv_setup(0)
+    plain_cfg = TrainConfig(epochs=1, lr=1e-9, distill=0.5)
+    at_cfg = TrainConfig(epochs=1, lr=1e-9, distill=0.5, attention=1000.0, attention_layers=("1",))
+    student, _ = _conv_setup(1)
+    plain = finetune(student, data, plain_cfg, quiet=True, teacher=teacher)[0]["train_loss"]
+    with_at = finetune(student, data, at_cfg, quiet=True, teacher=teacher)[0]["train_loss"]
+    assert with_at > plain + 1e-3
+    assert not any(m._forward_hooks for m in [*student.modules(), *teacher.modules()])
+    # a student that already matches its teacher pays nothing for attention
+    same = finetune(copy.deepcopy(teacher), data, at_cfg, quiet=True, teacher=teacher)[0]["train_loss"]
+    assert same == pytest.approx(finetune(copy.deepcopy(teacher), data, plain_cfg, quiet=True,
+                                          teacher=teacher)[0]["train_loss"], rel=1e-5)
+
+
+def test_feature_tap_names_a_missing_layer():
+    with pytest.raises(ValueError, match="layer9"):
+        FeatureTap(nn.Sequential(nn.Linear(2, 2)), ("0", "layer9"))
