@@ -67,6 +67,13 @@ def _allocator_row() -> dict | None:
     return {**rows["prune"], "baseline": rows["baseline"]["accuracy"]}
 
 
+def _recipe_text(recipe: dict) -> str:
+    parts = [f"seed {recipe['seed']}"]
+    if recipe.get("attention"):
+        parts.append(f"attention {recipe['attention']:g} at {'/'.join(recipe['attention_layers'])}")
+    return ", ".join(parts)
+
+
 def markdown(rows: list[dict]) -> str:
     lines = ["# Allocation and recipe probes", "",
              "Hand-set pruning allocations and fine-tuning recipes, fine-tuned like the acceptance table "
@@ -82,13 +89,10 @@ def markdown(rows: list[dict]) -> str:
                      f"{reference['params_ratio']:.3f}x | {reference['macs_ratio']:.3f}x | none | seed 0 | |")
     for r in rows:
         over = ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "none"
-        recipe = r.get("recipe", {"seed": 0})
-        recipe = ", ".join([f"seed {recipe['seed']}"] + ([f"attention {recipe['attention']:g} at "
-                                                           f"{'/'.join(recipe['attention_layers'])}"]
-                                                          if recipe.get("attention") else []))
         lines.append(f"| {r['name']} | {r['method']} | {r['epochs']} | {r['accuracy']:.2%} | "
                      f"{r['baseline_accuracy']:.2%} | {100 * (r['accuracy'] - r['baseline_accuracy']):+.2f} | "
-                     f"{r['params_ratio']:.3f}x | {r['macs_ratio']:.3f}x | {over} | {recipe} | {r['seconds']:.0f} |")
+                     f"{r['params_ratio']:.3f}x | {r['macs_ratio']:.3f}x | {over} | "
+                     f"{_recipe_text(r.get('recipe', {'seed': 0}))} | {r['seconds']:.0f} |")
     lines += ["", "Commands:", ""] + [f"- {r['name']}: `{r['command']}`" for r in rows]
     return "\n".join(lines) + "\n"
 
@@ -126,7 +130,7 @@ def main() -> None:
                          attention_layers=tuple(args.attention_layers))  # the rest is compress's default
     try:
         metrics = run_compress(args.baseline, args.output, opts, None, True, args.resume, command)
-    except UserError as exc:
+    except (UserError, ValueError) as exc:  # ValueError: an --attention-layers name the model does not have
         sys.exit(f"error: {exc}")
     plan = json.loads((args.output / "plan.json").read_text())
     row = {"name": args.name, "command": command, "method": args.method, "epochs": args.epochs,
