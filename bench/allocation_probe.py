@@ -125,9 +125,8 @@ def main() -> None:
     opts = CompressOptions(method=args.method)
     recipe = {"seed": args.seed}
     if args.attention > 0:
-        recipe.update(attention=args.attention, attention_layers=list(args.attention_layers))
-    opts.train = replace(opts.train, epochs=args.epochs, seed=args.seed, attention=args.attention,
-                         attention_layers=tuple(args.attention_layers))  # the rest is compress's default
+        recipe.update(attention=args.attention, attention_layers=tuple(args.attention_layers))
+    opts.train = replace(opts.train, epochs=args.epochs, **recipe)  # the rest is compress's default
     try:
         metrics = run_compress(args.baseline, args.output, opts, None, True, args.resume, command)
     except (UserError, ValueError) as exc:  # ValueError: an --attention-layers name the model does not have
