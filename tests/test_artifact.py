@@ -1,5 +1,6 @@
 import json
 import os
+import random
 import shutil
 from pathlib import Path
 
@@ -351,3 +352,25 @@ def test_text_artifact_round_trip(tiny_text_setup, tmp_path):
         assert layer.attention.self.num_attention_heads == 2 and layer.attention.self.query.out_features == 32
         assert layer.intermediate.dense.out_features == 64
     assert metrics["params_ratio"] < 1 and metrics["compression"] > 4
+
+
+def test_read_state_dict_turns_any_unreadable_file_into_one_user_error(tmp_path):
+    """Foreign bytes make the weights-only unpickler raise IndexError, KeyError, UnicodeDecodeError, ... (CI once hit
+    an IndexError from random bytes); every one must reach the user as the same one-line error, never a traceback."""
+    from hpqdeploy.models.registry import read_state_dict
+
+    good = tmp_path / "good.th"
+    torch.save({"state_dict": {"w": torch.ones(3)}}, good)
+    assert torch.equal(read_state_dict(good)["w"], torch.ones(3))
+    whole = good.read_bytes()
+    blobs = [random.Random(seed).randbytes(4096) for seed in range(200)]
+    blobs += [whole[:cut] for cut in range(0, len(whole), max(1, len(whole) // 50))]
+    blobs += [b"", b"\x80\x02]q\x00(", b"PK\x03\x04" + bytes(100)]
+    for i, blob in enumerate(blobs):
+        path = tmp_path / f"bad{i}.th"
+        path.write_bytes(blob)
+        with pytest.raises(UserError, match="not a readable PyTorch checkpoint|not a state_dict"):
+            read_state_dict(path)
+    torch.save([torch.ones(1)], tmp_path / "list.th")
+    with pytest.raises(UserError, match="holds a list, not a state_dict"):
+        read_state_dict(tmp_path / "list.th")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import pickle
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -110,7 +109,7 @@ def read_state_dict(path: Path) -> dict:
     """A checkpoint's state_dict (bare, or under a "state_dict" key), loaded with weights_only=True."""
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, EOFError, RuntimeError, OSError) as exc:
+    except Exception as exc:  # foreign bytes make the weights-only unpickler raise IndexError, KeyError, ... too
         raise UserError(f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}); "
                         "pass a state_dict saved with torch.save") from None
     state = blob.get("state_dict", blob) if isinstance(blob, dict) else blob
