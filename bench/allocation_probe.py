@@ -13,6 +13,7 @@ a product feature; its results go to bench/results/allocation_probe.{json,md} be
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import shlex
 import sys
@@ -137,11 +138,20 @@ def main() -> None:
            "accuracy": metrics["accuracy"], "baseline_accuracy": metrics["baseline"]["accuracy"],
            "params_ratio": metrics["params_ratio"], "macs_ratio": metrics["macs_ratio"],
            "seconds": round(time.time() - start, 1)}
-    rows = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
-    rows = [r for r in rows if r["name"] != args.name] + [row]
-    RESULTS.write_text(json.dumps(rows, indent=2) + "\n")
-    RESULTS.with_suffix(".md").write_text(markdown(rows))
+    record(row)
     print(json.dumps(row, indent=2))
+
+
+def record(row: dict) -> None:
+    """Add or replace `row` in the results, under a lock: probes run two at a time and finish at any moment."""
+    with RESULTS.with_suffix(".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
+        rows = [r for r in rows if r["name"] != row["name"]] + [row]
+        for path, text in ((RESULTS, json.dumps(rows, indent=2) + "\n"), (RESULTS.with_suffix(".md"), markdown(rows))):
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(text)
+            tmp.replace(path)
 
 
 if __name__ == "__main__":
