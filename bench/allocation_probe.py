@@ -3,11 +3,12 @@
 `hpqdeploy compress` chooses each group's kept channels itself (hpqdeploy/prune.py `allocate`). This script runs
 the same `compress` pipeline with some groups' kept counts overridden, so an allocation the allocator did not pick
 can be measured with the same data, fine-tuning and evaluation as the acceptance table; `--seed` repeats a run
-with another fine-tuning seed and `--attention` adds attention transfer to the distillation. It is an experiment, not
-a product feature; its results go to bench/results/allocation_probe.{json,md} beside the command that made them.
+with another fine-tuning seed, `--attention` adds attention transfer to the distillation, `--warmup` and
+`--reconstruct` pass compress's options of those names. It is an experiment, not a product feature; its results go
+to bench/results/allocation_probe.{json,md} beside the command that made them.
 
     python bench/allocation_probe.py BASELINE_DIR -o DIR --name NAME [--keep layer1.1.conv1=16 ...] [--method prune]
-        [--seed N] [--attention 1000]
+        [--seed N] [--attention 1000] [--warmup EPOCHS] [--reconstruct]
 """
 
 from __future__ import annotations
@@ -72,6 +73,10 @@ def _recipe_text(recipe: dict) -> str:
     parts = [f"seed {recipe['seed']}"]
     if recipe.get("attention"):
         parts.append(f"attention {recipe['attention']:g} at {'/'.join(recipe['attention_layers'])}")
+    if recipe.get("warmup"):
+        parts.append(f"warmup {recipe['warmup']:g} epoch")
+    if recipe.get("reconstruct"):
+        parts.append("reconstruct")
     return ", ".join(parts)
 
 
@@ -110,6 +115,8 @@ def main() -> None:
     ap.add_argument("--attention", type=float, default=0.0,
                     help="weight of attention transfer from the baseline (1000 in Zagoruyko & Komodakis)")
     ap.add_argument("--attention-layers", nargs="+", default=["layer1", "layer2", "layer3"])
+    ap.add_argument("--warmup", type=float, default=0.0, help="epochs of learning-rate warmup (compress's --warmup)")
+    ap.add_argument("--reconstruct", action="store_true", help="compress's --reconstruct")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--render-only", action="store_true", help="rewrite the Markdown from the JSON and stop")
     args = ap.parse_args()
@@ -123,11 +130,15 @@ def main() -> None:
     prune.allocate = with_overrides(keep)
     command = "python " + shlex.join(sys.argv)
     start = time.time()
-    opts = CompressOptions(method=args.method)
+    opts = CompressOptions(method=args.method, reconstruct=args.reconstruct)
     recipe = {"seed": args.seed}
     if args.attention > 0:
         recipe.update(attention=args.attention, attention_layers=tuple(args.attention_layers))
+    if args.warmup > 0:
+        recipe["warmup"] = args.warmup
     opts.train = replace(opts.train, epochs=args.epochs, **recipe)  # the rest is compress's default
+    if args.reconstruct:
+        recipe["reconstruct"] = True
     try:
         metrics = run_compress(args.baseline, args.output, opts, None, True, args.resume, command)
     except (UserError, ValueError) as exc:  # ValueError: an --attention-layers name the model does not have

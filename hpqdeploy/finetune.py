@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader, Dataset
 
+from hpqdeploy.errors import UserError
 from hpqdeploy.importance import forward
 
 
@@ -28,6 +29,24 @@ class TrainConfig:
     temperature: float = 4.0
     attention: float = 0.0  # weight of attention transfer from the teacher at `attention_layers` (0: off)
     attention_layers: tuple[str, ...] = ()
+    warmup: float = 0.0  # epochs of linear learning-rate warmup before the cosine decay (0: none)
+
+    def validate(self) -> None:
+        if self.epochs < 0 or self.lr <= 0 or self.batch_size <= 0:
+            raise UserError("--epochs must be >= 0, --lr and --batch-size > 0")
+        if self.warmup < 0 or (self.epochs > 0 and self.warmup >= self.epochs):
+            raise UserError(f"--warmup must be in [0, --epochs), got {self.warmup:g}")
+
+
+def lr_factor(step: int, steps: int, warmup_steps: int = 0) -> float:
+    """The learning rate's multiplier at `step` of `steps`: linear warmup, then cosine decay to 0 at the end.
+
+    Warmup keeps Adam's first, poorly estimated updates from wiping out what a pretrained or pruned-and-refitted
+    model already knows."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    done = min(step, steps) - warmup_steps
+    return 0.5 * (1 + math.cos(math.pi * done / max(1, steps - warmup_steps)))
 
 
 def loader(dataset: Dataset, collate: Callable, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
@@ -118,7 +137,8 @@ def attention_taps(model: nn.Module, teacher: nn.Module | None, cfg: TrainConfig
 def finetune(model: nn.Module, data: DataLoader, cfg: TrainConfig, checkpoint: Path | None = None,
              resume: bool = False, quiet: bool = False, teacher: nn.Module | None = None,
              span: range | None = None, before_step: Callable[[int, int], None] | None = None) -> list[dict]:
-    """Adam with weight decay and a cosine schedule; a checkpoint after every epoch, resumable.
+    """Adam with weight decay and a cosine schedule (after `cfg.warmup` epochs of linear warmup); a checkpoint after
+    every epoch, resumable.
 
     With a `teacher` (the uncompressed model) and `cfg.distill` > 0, the loss adds knowledge distillation: the
     standard way to recover a compressed model's accuracy within a small fine-tuning budget.
@@ -135,8 +155,8 @@ def finetune(model: nn.Module, data: DataLoader, cfg: TrainConfig, checkpoint: P
     torch.manual_seed(cfg.seed + span.start)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps, offset = cfg.epochs * len(data), span.start * len(data)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s + offset, steps) / steps)))
+    warmup_steps = min(steps, round(cfg.warmup * len(data)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s + offset, steps, warmup_steps))
     start, history = span.start, []
     if resume and checkpoint is not None and checkpoint.exists():
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)

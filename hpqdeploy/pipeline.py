@@ -74,8 +74,7 @@ class CompressOptions:
             raise UserError(f"--fade must be in [0, 1), got {self.fade}")
         if self.reconstruct and self.fade > 0:
             raise UserError("--reconstruct re-fits layers after channels are removed at once; it does not go with --fade")
-        if self.train.epochs < 0 or self.train.lr <= 0 or self.train.batch_size <= 0:
-            raise UserError("--epochs must be >= 0, --lr and --batch-size > 0")
+        self.train.validate()
 
 
 def _pruning_multiple(loaded: LoadedModel, opts: CompressOptions, target) -> int:
@@ -129,6 +128,7 @@ def run_train(model_name: str, data: DataOptions, out: Path, cfg: TrainConfig, w
               scratch: bool = False) -> dict:
     """Step 1 of the plan: a baseline, trained or fine-tuned, with its accuracy and size recorded."""
     artifact.check_output(out)
+    cfg.validate()
     splits = load_data(data.name, data.request(cfg.seed))
     info = splits.info
     if (Path(model_name) / "plan.json").is_file():  # a saved artifact of this tool: keep training it

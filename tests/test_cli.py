@@ -80,6 +80,8 @@ MORE_BAD_INPUTS = {
     "baseline does not exist": (["compress", "nowhere", "-o", "out"], "nowhere"),
     "baseline plan corrupt": (["compress", "broken-plan", "-o", "out"], "corrupt"),
     "distill 1.5": (["compress", "{baseline}", "-o", "out", "--distill", "1.5"], "--distill"),
+    "warmup past the epochs": (["compress", "{baseline}", "-o", "out", "--warmup", "10"], "--warmup"),
+    "negative warmup": (_train("--warmup", "-1"), "--warmup"),
     "hybrid with bits 9": (["compress", "{baseline}", "-o", "out", "--bits", "9", "--epochs", "0"], "--bits"),
 }
 

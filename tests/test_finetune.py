@@ -8,7 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset, default_collate
 
-from hpqdeploy.finetune import (FeatureTap, TrainConfig, attention_loss, attention_map, finetune, loader,
+from hpqdeploy.errors import UserError
+from hpqdeploy.finetune import (FeatureTap, TrainConfig, attention_loss, attention_map, finetune, loader, lr_factor,
                                 training_loss)
 
 
@@ -28,6 +29,31 @@ def test_phases_continue_one_cosine_schedule(tmp_path):
     assert [h["epoch"] for h in phased] == [1, 2, 3, 4]
     assert [h["lr"] for h in phased] == pytest.approx([h["lr"] for h in whole])
     assert phased[-1]["lr"] == pytest.approx(0.0, abs=1e-12) and phased[0]["lr"] < cfg.lr
+
+
+def test_lr_factor_warms_up_linearly_then_decays_by_cosine_to_zero():
+    assert [lr_factor(s, 8) for s in (0, 4, 8)] == pytest.approx([1.0, 0.5, 0.0])  # no warmup: plain cosine
+    assert [lr_factor(s, 8, 4) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert [lr_factor(s, 8, 4) for s in (4, 6, 8, 9)] == pytest.approx([1.0, 0.5, 0.0, 0.0])
+
+
+def test_warmup_holds_the_first_steps_back_and_phases_keep_it(tmp_path):
+    cfg = TrainConfig(epochs=4, lr=1e-2, warmup=2)
+    whole = finetune(*_setup(), cfg, quiet=True)  # 5 steps an epoch, 10 of warmup; "lr": the next step's
+    assert whole[0]["lr"] == pytest.approx(cfg.lr * 6 / 10) and whole[1]["lr"] == pytest.approx(cfg.lr)
+    plain = finetune(*_setup(), TrainConfig(epochs=4, lr=1e-2), quiet=True)
+    assert plain[0]["lr"] < cfg.lr and plain[0]["lr"] != pytest.approx(whole[0]["lr"])
+    model, data = _setup()
+    phased = (finetune(model, data, cfg, tmp_path / "a.ckpt", quiet=True, span=range(0, 1))
+              + finetune(model, data, cfg, tmp_path / "b.ckpt", quiet=True, span=range(1, 4)))
+    assert [h["lr"] for h in phased] == pytest.approx([h["lr"] for h in whole])
+
+
+@pytest.mark.parametrize("cfg", [TrainConfig(epochs=2, warmup=2), TrainConfig(warmup=-1), TrainConfig(lr=0)],
+                         ids=["warmup-past-epochs", "negative-warmup", "lr-0"])
+def test_bad_training_config_is_a_user_error(cfg):
+    with pytest.raises(UserError):
+        cfg.validate()
 
 
 def test_before_step_sees_every_step_of_its_span():

@@ -19,6 +19,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Hybrid pruning + adaptive quantization for edge runtimes.")
 console = Console(stderr=True)
 out_console = Console(width=None if sys.stdout.isatty() else 140)
+WARMUP_HELP = "epochs of linear learning-rate warmup before the cosine decay (0: none)"
 
 
 def _command() -> str:
@@ -43,6 +44,7 @@ def train(
     epochs: int = typer.Option(10, "--epochs"),
     lr: float = typer.Option(1e-3, "--lr"),
     weight_decay: float = typer.Option(1e-4, "--weight-decay"),
+    warmup: float = typer.Option(0.0, "--warmup", help=WARMUP_HELP),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="default 64 for images, 32 for text"),
     train_limit: Optional[int] = typer.Option(None, "--train-limit", help="fine-tune on this many examples"),
     eval_limit: Optional[int] = typer.Option(None, "--eval-limit", help="evaluate on this many (default: all)"),
@@ -58,7 +60,7 @@ def train(
     from hpqdeploy.pipeline import DataOptions, run_train
     from hpqdeploy.cli.tables import comparison_table
 
-    cfg = TrainConfig(epochs, lr, weight_decay, batch_size or _default_batch(data), seed)
+    cfg = TrainConfig(epochs, lr, weight_decay, batch_size or _default_batch(data), seed, warmup=warmup)
     opts = DataOptions(data, data_dir, calib_size, train_limit, eval_limit)
     metrics = run_train(model, opts, output, cfg, weights, max_length, quiet, resume, _command(), scratch)
     _emit(metrics, as_json, comparison_table([metrics], f"baseline → {output}"))
@@ -82,6 +84,7 @@ def compress(
     epochs: int = typer.Option(10, "--epochs"),
     lr: float = typer.Option(1e-3, "--lr"),
     weight_decay: float = typer.Option(1e-4, "--weight-decay"),
+    warmup: float = typer.Option(0.0, "--warmup", help=WARMUP_HELP),
     batch_size: Optional[int] = typer.Option(None, "--batch-size"),
     distill: float = typer.Option(0.9, "--distill", help="weight of distillation from the baseline (0: off)"),
     temperature: float = typer.Option(4.0, "--temperature", help="distillation temperature"),
@@ -102,7 +105,8 @@ def compress(
     base_data = _baseline_data(baseline)
     data = DataOptions(**{**base_data, **{k: v for k, v in {"data_dir": data_dir, "train_limit": train_limit,
                                                              "eval_limit": eval_limit}.items() if v is not None}})
-    cfg = TrainConfig(epochs, lr, weight_decay, batch_size or _default_batch(data.name), seed, distill, temperature)
+    cfg = TrainConfig(epochs, lr, weight_decay, batch_size or _default_batch(data.name), seed, distill, temperature,
+                      warmup=warmup)
     opts = CompressOptions(method, prune_ratio, tuple(bits), low_bit_share, act_bits or None, importance, target,
                            train=cfg, fade=fade,
                            reconstruct=reconstruct)
