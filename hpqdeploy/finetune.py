@@ -36,6 +36,8 @@ class TrainConfig:
             raise UserError("--epochs must be >= 0, --lr and --batch-size > 0")
         if self.warmup < 0 or (self.epochs > 0 and self.warmup >= self.epochs):
             raise UserError(f"--warmup must be in [0, --epochs), got {self.warmup:g}")
+        if not 0.0 <= self.distill < 1.0 or self.temperature <= 0:
+            raise UserError("--distill must be in [0, 1) and --temperature > 0")
 
 
 def lr_factor(step: int, steps: int, warmup_steps: int = 0) -> float:

@@ -68,8 +68,6 @@ class CompressOptions:
             raise UserError(f"unknown importance criterion {self.importance!r}; choose one of {', '.join(CRITERIA)}")
         if self.method != "prune":
             check_bits(tuple(self.bits))
-        if not 0.0 <= self.train.distill < 1.0 or self.train.temperature <= 0:
-            raise UserError("--distill must be in [0, 1) and --temperature > 0")
         if not 0.0 <= self.fade < 1.0:
             raise UserError(f"--fade must be in [0, 1), got {self.fade}")
         if self.reconstruct and self.fade > 0:

@@ -49,8 +49,9 @@ def test_warmup_holds_the_first_steps_back_and_phases_keep_it(tmp_path):
     assert [h["lr"] for h in phased] == pytest.approx([h["lr"] for h in whole])
 
 
-@pytest.mark.parametrize("cfg", [TrainConfig(epochs=2, warmup=2), TrainConfig(warmup=-1), TrainConfig(lr=0)],
-                         ids=["warmup-past-epochs", "negative-warmup", "lr-0"])
+@pytest.mark.parametrize("cfg", [TrainConfig(epochs=2, warmup=2), TrainConfig(warmup=-1), TrainConfig(lr=0),
+                                 TrainConfig(distill=1.0), TrainConfig(temperature=0)],
+                         ids=["warmup-past-epochs", "negative-warmup", "lr-0", "distill-1", "temperature-0"])
 def test_bad_training_config_is_a_user_error(cfg):
     with pytest.raises(UserError):
         cfg.validate()
