@@ -35,6 +35,11 @@ MODEL_XML = "model.xml"
 MODEL_BIN = "model.bin"
 # precision option -> INFERENCE_PRECISION_HINT (None: the CPU plugin's own default, bf16 on CPUs with native bf16)
 PRECISIONS = {"f32": "f32", "bf16": "bf16", "f16": "f16", "default": None}
+# On CPUs with int8 dot products (VNNI, AMX) the plugin also quantizes the activations of layers with compressed
+# weights to int8 on the fly (groups of 32), under any precision hint: a 4-bit weight-only layer of the plan then
+# runs as w4a8, off from the plan by up to ~1e-2 on unit-scale outputs. "f32" asks for the plan's numerics, so it
+# turns that off; "default" keeps the plugin's own choices and reports them.
+_PLAN_NUMERICS = {"DYNAMIC_QUANTIZATION_GROUP_SIZE": 0}
 WEIGHT_OPS = {"Convolution": (1,), "GroupConvolution": (1,), "MatMul": (0, 1), "Gather": (0,)}
 # ops between a weight constant and its consumer (decompression, FakeQuantize on weights, layout)
 _WEIGHT_PATH = {"Convert", "Subtract", "Multiply", "Reshape", "Transpose", "Unsqueeze", "FakeQuantize"}
@@ -211,6 +216,8 @@ class OpenVINORuntime(Runtime):
         config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
         if PRECISIONS[self.precision]:
             config["INFERENCE_PRECISION_HINT"] = PRECISIONS[self.precision]
+        if self.precision == "f32":
+            config.update(_PLAN_NUMERICS)
         return config
 
     def load(self, out_dir: Path, threads: int = 1) -> Session:
@@ -225,6 +232,7 @@ class OpenVINORuntime(Runtime):
             "precision_requested": self.precision,
             "inference_precision": _type_name(compiled.get_property("INFERENCE_PRECISION_HINT")),
             "cpu_default_precision": _type_name(core.get_property("CPU", "INFERENCE_PRECISION_HINT")),
+            "dynamic_activation_quantization_group": int(compiled.get_property("DYNAMIC_QUANTIZATION_GROUP_SIZE")),
             "cpu_capabilities": list(core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")),
             "int8_dot_product": int8_dot_product(),
             "threads": int(compiled.get_property("INFERENCE_NUM_THREADS")),
@@ -310,12 +318,15 @@ def _layer_name(op) -> str:
 
 
 def _executed_precisions(core, model) -> dict:
-    """What the CPU plugin really runs: per compute layer type, its runtime precision, with the f32 hint and (where
-    it differs) the plugin's default hint. Compiling a small IR takes well under a second."""
+    """What the CPU plugin really runs: per compute layer type, its runtime precision, as `load` compiles it for f32
+    and (where it differs) with the plugin's default hint. Compiling a small IR takes well under a second."""
     default = _type_name(core.get_property("CPU", "INFERENCE_PRECISION_HINT"))
-    result: dict = {"cpu_default_hint": default}
+    result: dict = {"cpu_default_hint": default,
+                    "cpu_default_dynamic_activation_quantization_group":
+                        int(core.get_property("CPU", "DYNAMIC_QUANTIZATION_GROUP_SIZE"))}
     for hint in dict.fromkeys(["f32", default]):
-        compiled = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": 1})
+        config = {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": 1}
+        compiled = core.compile_model(model, "CPU", config | (_PLAN_NUMERICS if hint == "f32" else {}))
         layers: dict[str, Counter] = {}
         for op in compiled.get_runtime_model().get_ops():
             rt = op.get_rt_info()
