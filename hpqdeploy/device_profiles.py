@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import tomllib
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from hpqdeploy.errors import UserError
 from hpqdeploy.resources import resource_dir

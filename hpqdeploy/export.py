@@ -21,7 +21,7 @@ from hpqdeploy import artifact
 from hpqdeploy.data import load_data
 from hpqdeploy.errors import UserError
 from hpqdeploy.finetune import loader, progress
-from hpqdeploy.importance import forward
+from hpqdeploy.hooks import forward
 from hpqdeploy.lower.base import LoweringContext, get_runtime
 from hpqdeploy.lower.cpu import has_vnni
 from hpqdeploy.lower.legalize import MIXED_MODES, OVERFLOW_FIX, legalize, narrow_int8_weights

@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.utils.data import DataLoader, Dataset
 
 from hpqdeploy.errors import UserError
-from hpqdeploy.importance import forward
+from hpqdeploy.hooks import forward, forward_hooks
 
 
 @dataclass
@@ -97,7 +97,7 @@ def attention_map(features: torch.Tensor) -> torch.Tensor:
 
 
 class FeatureTap:
-    """Keeps the outputs of named submodules from the latest forward pass."""
+    """Keeps the outputs of named submodules from the latest forward pass while used as a context manager."""
 
     def __init__(self, model: nn.Module, names: tuple[str, ...]):
         modules = dict(model.named_modules())
@@ -105,16 +105,18 @@ class FeatureTap:
         if missing:
             raise ValueError(f"no submodule named {', '.join(missing)}")
         self.outputs: dict[str, torch.Tensor] = {}
-        self.handles = [modules[n].register_forward_hook(self._keep(n)) for n in names]
+        self._names = {modules[n]: n for n in names}
 
-    def _keep(self, name: str):
-        def hook(module, args, output):
-            self.outputs[name] = output
-        return hook
+    def _keep(self, module: nn.Module, _args, output: torch.Tensor) -> None:
+        self.outputs[self._names[module]] = output
 
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()
+    def __enter__(self) -> "FeatureTap":
+        self._hooks = forward_hooks(self._names, self._keep)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
 
 
 def attention_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -128,12 +130,8 @@ def attention_taps(model: nn.Module, teacher: nn.Module | None, cfg: TrainConfig
     if teacher is None or cfg.distill <= 0 or cfg.attention <= 0 or not cfg.attention_layers:
         yield None
         return
-    taps = FeatureTap(model, cfg.attention_layers), FeatureTap(teacher, cfg.attention_layers)
-    try:
-        yield taps
-    finally:
-        for tap in taps:
-            tap.close()
+    with FeatureTap(model, cfg.attention_layers) as student, FeatureTap(teacher, cfg.attention_layers) as taught:
+        yield student, taught
 
 
 def finetune(model: nn.Module, data: DataLoader, cfg: TrainConfig, checkpoint: Path | None = None,

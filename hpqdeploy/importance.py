@@ -10,7 +10,7 @@ it is never negative and barely noisy.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn as nn
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 
 from hpqdeploy.errors import UserError
+from hpqdeploy.hooks import forward
 
 CRITERIA = ("magnitude", "taylor")
 
@@ -28,10 +29,6 @@ def channel_criterion(name: str) -> tp.importance.Importance:
     if name == "taylor":
         return tp.importance.GroupTaylorImportance(normalizer=None)
     raise UserError(f"unknown importance criterion {name!r}; choose one of {', '.join(CRITERIA)}")
-
-
-def forward(model: nn.Module, inputs: Any) -> torch.Tensor:
-    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
 
 
 def accumulate_gradients(model: nn.Module, batches: list) -> None:

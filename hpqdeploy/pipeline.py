@@ -17,6 +17,7 @@ from hpqdeploy.bitalloc import LayerBits, check_bits, low_bit_share, plan_bits
 from hpqdeploy.data import DataRequest, Splits, load_data
 from hpqdeploy.errors import UserError
 from hpqdeploy.finetune import TrainConfig, evaluate, finetune, loader
+from hpqdeploy.hooks import forward
 from hpqdeploy.importance import CRITERIA
 from hpqdeploy.metrics import count_macs, count_params, param_breakdown, weight_bytes
 from hpqdeploy.models import LoadedModel, load_model
@@ -107,8 +108,6 @@ def _warn_lr(loaded: LoadedModel, cfg: TrainConfig) -> None:
 @torch.no_grad()
 def _check_compatible(loaded: LoadedModel, splits: Splits) -> None:
     """One forward pass on two real examples before anything is written: shape mismatches fail here, clearly."""
-    from hpqdeploy.importance import forward
-
     inputs, _ = loaded.collate([splits.eval[i] for i in range(min(2, len(splits.eval)))])
     loaded.module.eval()
     try:

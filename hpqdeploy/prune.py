@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
+from hpqdeploy.hooks import forward, forward_hooks
 from hpqdeploy.importance import channel_criterion, output_divergence, reference_outputs
 from hpqdeploy.models.cifar_resnet import ChannelMapShortcut
 
@@ -218,24 +219,20 @@ def _depthwise(m: nn.Module) -> bool:
 
 
 def _layer_macs(model: nn.Module, example_inputs: Any) -> dict[nn.Module, float]:
-    from hpqdeploy.importance import forward
-
     macs: dict[nn.Module, float] = {}
 
     def hook(m, _inputs, out):
         per_output = m.weight[0].numel()  # (in / groups) * kernel for a conv, in_features for a linear layer
         macs[m] = macs.get(m, 0.0) + float(out.numel()) * per_output
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    was_training = model.training
+    model.eval()
     try:
-        with torch.no_grad():
-            was_training = model.training
-            model.eval()
+        with forward_hooks(layers, hook), torch.no_grad():
             forward(model, example_inputs)
-            model.train(was_training)
     finally:
-        for h in handles:
-            h.remove()
+        model.train(was_training)
     return macs
 
 
@@ -365,7 +362,6 @@ class FadeOut:
     def __init__(self, model: nn.Module, example_inputs: Any, decisions: list[GroupDecision]):
         self.factor = 1.0
         self._channels = {m: torch.tensor(idxs) for m, idxs in removed_outputs(model, example_inputs, decisions).items()}
-        self._hooks: list = []
 
     def _scale(self, module: nn.Module, _inputs, output: torch.Tensor) -> torch.Tensor:
         dim = -1 if isinstance(module, nn.Linear) else 1
@@ -380,10 +376,9 @@ class FadeOut:
         self.factor = 0.5 * (1 + math.cos(math.pi * min(step + 1, steps) / steps))
 
     def __enter__(self) -> "FadeOut":
-        self._hooks = [m.register_forward_hook(self._scale) for m in self._channels]
+        self._hooks = forward_hooks(self._channels, self._scale)
+        self._hooks.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
+        self._hooks.__exit__(*exc)

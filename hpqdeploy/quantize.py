@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hpqdeploy.hooks import forward
+
 QUANTIZABLE = (nn.Conv2d, nn.Linear, nn.Embedding)
 CLIP_GRID = torch.linspace(0.5, 1.0, 11)
 
@@ -172,8 +174,6 @@ def set_observing(model: nn.Module, on: bool) -> None:
 
 @torch.no_grad()
 def calibrate(model: nn.Module, batches: list) -> None:
-    from hpqdeploy.importance import forward
-
     was_training = model.training
     model.eval()
     set_observing(model, True)

@@ -15,33 +15,22 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hpqdeploy.importance import forward
+from hpqdeploy.hooks import forward, forward_hooks
 from hpqdeploy.prune import GroupDecision, removed_outputs
 
 
 def _call_order(model: nn.Module, inputs: Any) -> list[str]:
     names = {m: n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
     order: list[str] = []
-    hooks = [m.register_forward_hook(lambda m, _i, _o: order.append(names[m])) for m in names]
-    try:
+    with forward_hooks(names, lambda m, _i, _o: order.append(names[m])):
         forward(model, inputs)
-    finally:
-        for h in hooks:
-            h.remove()
     return list(dict.fromkeys(order))
 
 
 def _capture(model: nn.Module, module: nn.Module, inputs: Any, output: bool) -> torch.Tensor:
     seen: list[torch.Tensor] = []
-
-    def hook(_m, args, out):
-        seen.append(out if output else args[0])
-
-    h = module.register_forward_hook(hook)
-    try:
+    with forward_hooks([module], lambda _m, args, out: seen.append(out if output else args[0])):
         forward(model, inputs)
-    finally:
-        h.remove()
     return seen[0]
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from hpqdeploy.importance import forward
+from hpqdeploy.hooks import forward
 from hpqdeploy.models.cifar_resnet import ChannelMapShortcut
 from hpqdeploy.prune import (ChannelMapShortcutPruner, FadeOut, GroupDecision, _Group, allocate, apply_pruning,
                              build_graph, candidates, find_groups, plan_pruning)

@@ -28,6 +28,7 @@ import torch.fx
 import torch.nn as nn
 
 from hpqdeploy.errors import UserError
+from hpqdeploy.hooks import forward, forward_hooks
 from hpqdeploy.lower.torch_prep import QuantParams, fold_batchnorm, quant_params
 from hpqdeploy.models.cifar_resnet import ChannelMapShortcut
 from hpqdeploy.quantize import _QuantMixin, quantize_weight
@@ -106,17 +107,10 @@ def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
 
 def _output_layers(model: nn.Module, example_inputs) -> set[str]:
     """The quantized layers whose output is the model's output (the logits), found by one forward pass."""
-    from hpqdeploy.importance import forward
-
+    names = {m: name for name, m in model.named_modules() if isinstance(m, _QuantMixin)}
     outputs: dict[str, torch.Tensor] = {}
-    hooks = [m.register_forward_hook(lambda _m, _i, out, name=name: outputs.__setitem__(name, out))
-             for name, m in model.named_modules() if isinstance(m, _QuantMixin)]
-    try:
-        with torch.no_grad():
-            result = forward(model, example_inputs)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    with forward_hooks(names, lambda m, _i, out: outputs.__setitem__(names[m], out)), torch.no_grad():
+        result = forward(model, example_inputs)
     return {name for name, out in outputs.items() if out.data_ptr() == result.data_ptr() and out.shape == result.shape}
 
 

@@ -1,0 +1,31 @@
+"""Running a model on its inputs, and watching chosen layers while it runs.
+
+Every stage that measures a model (importance, MAC counts, calibration, reconstruction, attention transfer, the
+lowering checks) calls it one way: keyword tensors for a Hugging Face model, one tensor otherwise. Forward hooks
+are registered for one block and always removed after it, so a failed measurement never leaves a hook behind that
+would change the model's later outputs.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+import torch.nn as nn
+
+
+def forward(model: nn.Module, inputs: Any) -> torch.Tensor:
+    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+
+
+@contextmanager
+def forward_hooks(modules: Iterable[nn.Module], hook: Callable[[nn.Module, tuple, Any], Any]) -> Iterator[None]:
+    """Call `hook(module, args, output)` after every forward call of each of `modules` while the block runs; a hook
+    that returns a value replaces the module's output, as with `register_forward_hook`."""
+    handles = [m.register_forward_hook(hook) for m in modules]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
