@@ -97,7 +97,7 @@ def attention_map(features: torch.Tensor) -> torch.Tensor:
 
 
 class FeatureTap:
-    """Keeps the outputs of named submodules from the latest forward pass while used as a context manager."""
+    """Keeps the outputs of named submodules from the latest forward pass, inside `with tap.attached():`."""
 
     def __init__(self, model: nn.Module, names: tuple[str, ...]):
         modules = dict(model.named_modules())
@@ -110,13 +110,9 @@ class FeatureTap:
     def _keep(self, module: nn.Module, _args, output: torch.Tensor) -> None:
         self.outputs[self._names[module]] = output
 
-    def __enter__(self) -> "FeatureTap":
-        self._hooks = forward_hooks(self._names, self._keep)
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._hooks.__exit__(*exc)
+    def attached(self):
+        """Context manager: the outputs are kept inside the block."""
+        return forward_hooks(self._names, self._keep)
 
 
 def attention_loss(student: dict[str, torch.Tensor], teacher: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -130,7 +126,8 @@ def attention_taps(model: nn.Module, teacher: nn.Module | None, cfg: TrainConfig
     if teacher is None or cfg.distill <= 0 or cfg.attention <= 0 or not cfg.attention_layers:
         yield None
         return
-    with FeatureTap(model, cfg.attention_layers) as student, FeatureTap(teacher, cfg.attention_layers) as taught:
+    student, taught = FeatureTap(model, cfg.attention_layers), FeatureTap(teacher, cfg.attention_layers)
+    with student.attached(), taught.attached():
         yield student, taught
 
 

@@ -218,7 +218,8 @@ def run_compress(baseline_dir: Path, out: Path, opts: CompressOptions, data: Dat
         fade = opts.fade_epochs() if cut else 0
         history, fade_seconds = saved.get("fade_history", []), time.time()
         if fade and not (resume and (work / "compress.ckpt").exists()):
-            with FadeOut(model, loaded.example_inputs, pruning) as gates:
+            gates = FadeOut(model, loaded.example_inputs, pruning)
+            with gates.attached():
                 history = finetune(model, train, cfg, work / "fade.ckpt", resume=resume, quiet=quiet,
                                    teacher=teacher, span=range(fade), before_step=gates.schedule)
         fade_seconds = time.time() - fade_seconds

@@ -356,7 +356,7 @@ class FadeOut:
     channel (a DepGraph group's out-channel layers: convolutions, their BatchNorms, shortcuts, the query, key and
     value projections of a head, an FFN's first layer) has its output multiplied by the factor, so the channel
     carries `factor` times its value everywhere; at factor 0 removing it with `apply_pruning` changes nothing.
-    Use as a context manager; the hooks are removed on exit.
+    The scaling applies inside `with gates.attached():`; the hooks are removed on exit.
     """
 
     def __init__(self, model: nn.Module, example_inputs: Any, decisions: list[GroupDecision]):
@@ -375,10 +375,6 @@ class FadeOut:
         """Cosine fall from 1 before the first step to 0 at the last one."""
         self.factor = 0.5 * (1 + math.cos(math.pi * min(step + 1, steps) / steps))
 
-    def __enter__(self) -> "FadeOut":
-        self._hooks = forward_hooks(self._channels, self._scale)
-        self._hooks.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._hooks.__exit__(*exc)
+    def attached(self):
+        """Context manager: the removed channels are scaled inside the block."""
+        return forward_hooks(self._channels, self._scale)

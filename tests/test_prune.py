@@ -382,7 +382,8 @@ def test_distilbert_heads_pruned(bert_example, bert_calib):
 
 def _faded_and_pruned(model, example, decisions, factor):
     faded, pruned = copy.deepcopy(model), apply_pruning(copy.deepcopy(model), example, decisions)
-    with torch.no_grad(), FadeOut(faded, example, decisions) as gates:
+    gates = FadeOut(faded, example, decisions)
+    with torch.no_grad(), gates.attached():
         gates.factor = factor
         out = forward(faded, example)
     return faded, out, forward(pruned, example)
