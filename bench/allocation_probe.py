@@ -4,11 +4,11 @@
 the same `compress` pipeline with some groups' kept counts overridden, so an allocation the allocator did not pick
 can be measured with the same data, fine-tuning and evaluation as the acceptance table; `--seed` repeats a run
 with another fine-tuning seed, `--attention` adds attention transfer to the distillation, `--warmup` and
-`--reconstruct` pass compress's options of those names. It is an experiment, not a product feature; its results go
+`--reconstruct` and `--importance` pass compress's options of those names. It is an experiment, not a product feature; its results go
 to bench/results/allocation_probe.{json,md} beside the command that made them.
 
     python bench/allocation_probe.py BASELINE_DIR -o DIR --name NAME [--keep layer1.1.conv1=16 ...] [--method prune]
-        [--seed N] [--attention 1000] [--warmup EPOCHS] [--reconstruct]
+        [--seed N] [--attention 1000] [--warmup EPOCHS] [--reconstruct] [--importance magnitude]
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import torch
 from compress_bench import RESNET_EPOCHS  # the epochs of the `resnet20` table
 from hpqdeploy import prune
 from hpqdeploy.errors import UserError
+from hpqdeploy.importance import CRITERIA
 from hpqdeploy.pipeline import CompressOptions, run_compress
 
 RESULTS = Path(__file__).parent / "results" / "allocation_probe.json"
@@ -77,6 +78,8 @@ def _recipe_text(recipe: dict) -> str:
         parts.append(f"warmup {recipe['warmup']:g} epoch")
     if recipe.get("reconstruct"):
         parts.append("reconstruct")
+    if recipe.get("importance"):
+        parts.append(f"{recipe['importance']} importance")
     return ", ".join(parts)
 
 
@@ -117,6 +120,7 @@ def main() -> None:
     ap.add_argument("--attention-layers", nargs="+", default=["layer1", "layer2", "layer3"])
     ap.add_argument("--warmup", type=float, default=0.0, help="epochs of learning-rate warmup (compress's --warmup)")
     ap.add_argument("--reconstruct", action="store_true", help="compress's --reconstruct")
+    ap.add_argument("--importance", default="taylor", choices=CRITERIA, help="compress's --importance")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--render-only", action="store_true", help="rewrite the Markdown from the JSON and stop")
     args = ap.parse_args()
@@ -130,7 +134,7 @@ def main() -> None:
     prune.allocate = with_overrides(keep)
     command = "python " + shlex.join(sys.argv)
     start = time.time()
-    opts = CompressOptions(method=args.method, reconstruct=args.reconstruct)
+    opts = CompressOptions(method=args.method, reconstruct=args.reconstruct, importance=args.importance)
     recipe = {"seed": args.seed}
     if args.attention > 0:
         recipe.update(attention=args.attention, attention_layers=tuple(args.attention_layers))
@@ -139,6 +143,8 @@ def main() -> None:
     opts.train = replace(opts.train, epochs=args.epochs, **recipe)  # the rest is compress's default
     if args.reconstruct:
         recipe["reconstruct"] = True
+    if args.importance != "taylor":
+        recipe["importance"] = args.importance
     try:
         metrics = run_compress(args.baseline, args.output, opts, None, True, args.resume, command)
     except (UserError, ValueError) as exc:  # ValueError: an --attention-layers name the model does not have
