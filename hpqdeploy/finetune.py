@@ -51,6 +51,16 @@ def lr_factor(step: int, steps: int, warmup_steps: int = 0) -> float:
     return 0.5 * (1 + math.cos(math.pi * done / max(1, steps - warmup_steps)))
 
 
+def flush_denormals() -> None:
+    """Treat subnormal floats as zero from here on, process-wide (x86 FTZ/DAZ, the flush mode of ARM).
+
+    Adam drives the moments, and then the weights, of units whose gradient has died into the subnormal range; on
+    Intel CPUs every operation that touches a subnormal takes a microcode assist. Measured on a Xeon with AMX: a
+    ResNet-20 fine-tuning step with the state of epoch 5 took 2.38 s instead of 0.18 s (13x), a 10-epoch run
+    would have taken hours. Values under 1.2e-38 carry no information for these models."""
+    torch.set_flush_denormal(True)
+
+
 def loader(dataset: Dataset, collate: Callable, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
     gen = torch.Generator().manual_seed(seed)
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=gen)
@@ -144,6 +154,7 @@ def finetune(model: nn.Module, data: DataLoader, cfg: TrainConfig, checkpoint: P
     `span` trains only those epochs of the `cfg.epochs`-long schedule (a run in phases: the learning rate goes on
     where the previous phase left it); `before_step(step, steps)` is called before each step of the span.
     """
+    flush_denormals()
     if teacher is not None:
         teacher.eval()
     span = range(cfg.epochs) if span is None else span
