@@ -20,6 +20,18 @@ def forward(model: nn.Module, inputs: Any) -> torch.Tensor:
 
 
 @contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """The model in eval mode inside the block (BatchNorm on its running statistics, no dropout); its mode is
+    restored after, also when the block fails."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+@contextmanager
 def forward_hooks(modules: Iterable[nn.Module], hook: Callable[[nn.Module, tuple, Any], Any]) -> Iterator[None]:
     """Call `hook(module, args, output)` after every forward call of each of `modules` while the block runs; a hook
     that returns a value replaces the module's output, as with `register_forward_hook`."""

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 
 from hpqdeploy.errors import UserError
-from hpqdeploy.hooks import forward
+from hpqdeploy.hooks import evaluating, forward
 
 CRITERIA = ("magnitude", "taylor")
 
@@ -34,11 +34,9 @@ def channel_criterion(name: str) -> tp.importance.Importance:
 def accumulate_gradients(model: nn.Module, batches: list) -> None:
     """Leave dL/dw summed over `batches` in every parameter's `.grad` (the Taylor criterion reads them)."""
     model.zero_grad(set_to_none=True)
-    was_training = model.training
-    model.eval()
-    for inputs, labels in batches:
-        F.cross_entropy(forward(model, inputs), labels).backward()
-    model.train(was_training)
+    with evaluating(model):
+        for inputs, labels in batches:
+            F.cross_entropy(forward(model, inputs), labels).backward()
 
 
 def squared_gradients(model: nn.Module, batches: list, modules: Iterable[nn.Module]) -> dict[nn.Module, torch.Tensor]:
@@ -59,24 +57,19 @@ def squared_gradients(model: nn.Module, batches: list, modules: Iterable[nn.Modu
 @torch.no_grad()
 def reference_outputs(model: nn.Module, batches: list) -> list[torch.Tensor]:
     """Log-probabilities of the unchanged model on each calibration batch (what sensitivities compare against)."""
-    was_training = model.training
-    model.eval()
-    out = [F.log_softmax(forward(model, inputs).float(), dim=-1) for inputs, _ in batches]
-    model.train(was_training)
-    return out
+    with evaluating(model):
+        return [F.log_softmax(forward(model, inputs).float(), dim=-1) for inputs, _ in batches]
 
 
 @torch.no_grad()
 def output_divergence(model: nn.Module, batches: list, reference: list[torch.Tensor]) -> float:
     """Mean KL(reference || model) over the calibration examples: how far a change moves the predictions."""
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
-    for (inputs, _), ref in zip(batches, reference):
-        logp = F.log_softmax(forward(model, inputs).float(), dim=-1)
-        total += F.kl_div(logp, ref, log_target=True, reduction="sum").item()
-        count += ref.shape[0]
-    model.train(was_training)
+    with evaluating(model):
+        for (inputs, _), ref in zip(batches, reference):
+            logp = F.log_softmax(forward(model, inputs).float(), dim=-1)
+            total += F.kl_div(logp, ref, log_target=True, reduction="sum").item()
+            count += ref.shape[0]
     return total / max(count, 1)
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch_pruning as tp
 
-from hpqdeploy.hooks import forward, forward_hooks
+from hpqdeploy.hooks import evaluating, forward, forward_hooks
 from hpqdeploy.importance import channel_criterion, output_divergence, reference_outputs
 from hpqdeploy.models.cifar_resnet import ChannelMapShortcut
 
@@ -226,13 +226,8 @@ def _layer_macs(model: nn.Module, example_inputs: Any) -> dict[nn.Module, float]
         macs[m] = macs.get(m, 0.0) + float(out.numel()) * per_output
 
     layers = [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    was_training = model.training
-    model.eval()
-    try:
-        with forward_hooks(layers, hook), torch.no_grad():
-            forward(model, example_inputs)
-    finally:
-        model.train(was_training)
+    with evaluating(model), forward_hooks(layers, hook), torch.no_grad():
+        forward(model, example_inputs)
     return macs
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from hpqdeploy.hooks import forward
+from hpqdeploy.hooks import evaluating, forward
 
 QUANTIZABLE = (nn.Conv2d, nn.Linear, nn.Embedding)
 CLIP_GRID = torch.linspace(0.5, 1.0, 11)
@@ -174,10 +174,8 @@ def set_observing(model: nn.Module, on: bool) -> None:
 
 @torch.no_grad()
 def calibrate(model: nn.Module, batches: list) -> None:
-    was_training = model.training
-    model.eval()
-    set_observing(model, True)
-    for inputs, _ in batches:
-        forward(model, inputs)
-    set_observing(model, False)
-    model.train(was_training)
+    with evaluating(model):
+        set_observing(model, True)
+        for inputs, _ in batches:
+            forward(model, inputs)
+        set_observing(model, False)

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from hpqdeploy.hooks import forward, forward_hooks
+from hpqdeploy.hooks import evaluating, forward, forward_hooks
 
 
 def test_forward_takes_a_tensor_or_keyword_tensors():
@@ -36,3 +36,19 @@ def test_forward_hooks_are_removed_when_the_block_fails():
             raise RuntimeError("measurement failed")
     assert not layer._forward_hooks
     assert torch.count_nonzero(layer(torch.ones(1, 2)) - layer.bias) > 0
+
+
+def test_evaluating_restores_the_mode_also_after_a_failure():
+    model = nn.Sequential(nn.BatchNorm1d(2), nn.Dropout(0.5)).train()
+    with evaluating(model):
+        assert not model.training and not model[0].training
+    assert model.training and model[1].training
+    model.eval()
+    with evaluating(model):
+        pass
+    assert not model.training
+    model.train()
+    with pytest.raises(RuntimeError):
+        with evaluating(model):
+            raise RuntimeError("calibration failed")
+    assert model.training
