@@ -3,9 +3,9 @@
 `hpqdeploy compress` chooses each group's kept channels itself (hpqdeploy/prune.py `allocate`). This script runs
 the same `compress` pipeline with some groups' kept counts overridden, so an allocation the allocator did not pick
 can be measured with the same data, fine-tuning and evaluation as the acceptance table; `--seed` repeats a run
-with another fine-tuning seed, `--attention` adds attention transfer to the distillation, `--warmup` and
-`--reconstruct` and `--importance` pass compress's options of those names. It is an experiment, not a product feature; its results go
-to bench/results/allocation_probe.{json,md} beside the command that made them.
+with another fine-tuning seed, `--attention` adds attention transfer to the distillation, `--warmup`,
+`--reconstruct` and `--importance` pass compress's options of those names. It is an experiment, not a product
+feature; its results go to bench/results/allocation_probe.{json,md} beside the command that made them.
 
     python bench/allocation_probe.py BASELINE_DIR -o DIR --name NAME [--keep layer1.1.conv1=16 ...] [--method prune]
         [--seed N] [--attention 1000] [--warmup EPOCHS] [--reconstruct] [--importance magnitude]
@@ -120,7 +120,8 @@ def main() -> None:
     ap.add_argument("--attention-layers", nargs="+", default=["layer1", "layer2", "layer3"])
     ap.add_argument("--warmup", type=float, default=0.0, help="epochs of learning-rate warmup (compress's --warmup)")
     ap.add_argument("--reconstruct", action="store_true", help="compress's --reconstruct")
-    ap.add_argument("--importance", default="taylor", choices=CRITERIA, help="compress's --importance")
+    ap.add_argument("--importance", default=CompressOptions.importance, choices=CRITERIA,
+                    help="compress's --importance")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--render-only", action="store_true", help="rewrite the Markdown from the JSON and stop")
     args = ap.parse_args()
@@ -143,7 +144,7 @@ def main() -> None:
     opts.train = replace(opts.train, epochs=args.epochs, **recipe)  # the rest is compress's default
     if args.reconstruct:
         recipe["reconstruct"] = True
-    if args.importance != "taylor":
+    if args.importance != CompressOptions.importance:
         recipe["importance"] = args.importance
     try:
         metrics = run_compress(args.baseline, args.output, opts, None, True, args.resume, command)
