@@ -41,6 +41,16 @@ PRECISIONS = {"f32": "f32", "bf16": "bf16", "f16": "f16", "default": None}
 # test_grouped_four_bit_weights (0 without it). "f32" asks for the plan's numerics, so it turns that off;
 # "default" keeps the plugin's own choices and reports them.
 _PLAN_NUMERICS = {"DYNAMIC_QUANTIZATION_GROUP_SIZE": 0}
+
+
+def _compile_config(precision: str, threads: int) -> dict:
+    """The CPU plugin's settings for one of PRECISIONS: what `load` runs and `inspect` reports."""
+    config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+    if PRECISIONS[precision]:
+        config["INFERENCE_PRECISION_HINT"] = PRECISIONS[precision]
+    if precision == "f32":
+        config.update(_PLAN_NUMERICS)
+    return config
 WEIGHT_OPS = {"Convolution": (1,), "GroupConvolution": (1,), "MatMul": (0, 1), "Gather": (0,)}
 # ops between a weight constant and its consumer (decompression, FakeQuantize on weights, layout)
 _WEIGHT_PATH = {"Convert", "Subtract", "Multiply", "Reshape", "Transpose", "Unsqueeze", "FakeQuantize"}
@@ -213,20 +223,12 @@ class OpenVINORuntime(Runtime):
                 "called, so no scale was recomputed")
         return Lowered([xml, out_dir / MODEL_BIN], notes)
 
-    def _config(self, threads: int) -> dict:
-        config = {"INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
-        if PRECISIONS[self.precision]:
-            config["INFERENCE_PRECISION_HINT"] = PRECISIONS[self.precision]
-        if self.precision == "f32":
-            config.update(_PLAN_NUMERICS)
-        return config
-
     def load(self, out_dir: Path, threads: int = 1) -> Session:
         import openvino as ov
 
         xml = _model_path(out_dir)
         core = ov.Core()
-        compiled = core.compile_model(str(xml), "CPU", self._config(threads))
+        compiled = core.compile_model(str(xml), "CPU", _compile_config(self.precision, threads))
         info = {
             "device": "CPU",
             "openvino": ov.get_version(),
@@ -326,8 +328,7 @@ def _executed_precisions(core, model) -> dict:
                     "cpu_default_dynamic_activation_quantization_group":
                         int(core.get_property("CPU", "DYNAMIC_QUANTIZATION_GROUP_SIZE"))}
     for hint in dict.fromkeys(["f32", default]):
-        config = {"INFERENCE_PRECISION_HINT": hint, "INFERENCE_NUM_THREADS": 1}
-        compiled = core.compile_model(model, "CPU", config | (_PLAN_NUMERICS if hint == "f32" else {}))
+        compiled = core.compile_model(model, "CPU", _compile_config("f32" if hint == "f32" else "default", 1))
         layers: dict[str, Counter] = {}
         for op in compiled.get_runtime_model().get_ops():
             rt = op.get_rt_info()
