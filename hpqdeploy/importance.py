@@ -43,13 +43,13 @@ def squared_gradients(model: nn.Module, batches: list, modules: Iterable[nn.Modu
     """Empirical Fisher diagonal of each module's weight: the mean over batches of (dL/dw)^2."""
     modules = list(modules)
     fisher = {m: torch.zeros_like(m.weight) for m in modules}
-    model.eval()
-    for inputs, labels in batches:
-        model.zero_grad(set_to_none=True)
-        F.cross_entropy(forward(model, inputs), labels).backward()
-        for m in modules:
-            if m.weight.grad is not None:
-                fisher[m] += m.weight.grad.detach() ** 2
+    with evaluating(model):
+        for inputs, labels in batches:
+            model.zero_grad(set_to_none=True)
+            F.cross_entropy(forward(model, inputs), labels).backward()
+            for m in modules:
+                if m.weight.grad is not None:
+                    fisher[m] += m.weight.grad.detach() ** 2
     model.zero_grad(set_to_none=True)
     return {m: f / max(len(batches), 1) for m, f in fisher.items()}
 

@@ -115,7 +115,9 @@ def test_accumulate_gradients_restores_mode_and_sums(tiny_resnet, resnet_calib):
 
 def test_squared_gradients_is_the_mean_of_squares(tiny_resnet, resnet_calib):
     layers = [tiny_resnet.conv1, tiny_resnet.linear]
+    tiny_resnet.train()
     fisher = squared_gradients(tiny_resnet, resnet_calib[:2], layers)
+    assert tiny_resnet.training  # the caller's mode comes back
     expected = torch.zeros_like(tiny_resnet.linear.weight)
     for batch in resnet_calib[:2]:
         accumulate_gradients(tiny_resnet, [batch])
