@@ -64,7 +64,8 @@ def markdown(blob: dict) -> str:
     reasons = {r["energy_reason"] for rows in blob["results"].values() for r in rows if r["energy_reason"]}
     for model, rows in blob["results"].items():
         lines += [f"### {model}", "", "| artifact | batch | calls | p50 ms | p99 ms | inferences/s | p50 per repeat "
-                  "| p50 spread | hybrid speed-up (p50) | peak RSS MB | J/inference |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| p50 spread | hybrid speed-up (p50) | peak RSS MB | J/inference |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         base = {(r["artifact"].split("/")[1], r["batch"]): r for r in rows if r["artifact"].startswith("baseline/")}
         for r in rows:
             b = base.get((r["artifact"].split("/")[1], r["batch"]))

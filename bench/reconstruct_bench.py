@@ -56,7 +56,8 @@ def main() -> None:
 
     command = " ".join(["python bench/reconstruct_bench.py", *sys.argv[1:]])
     examples = len(splits.eval)
-    lines = [f"Made by `{command}`: the pruning plan of `{args.plan.relative_to(ROOT) if args.plan.is_absolute() else args.plan}`"
+    plan = args.plan.relative_to(ROOT) if args.plan.is_absolute() else args.plan
+    lines = [f"Made by `{command}`: the pruning plan of `{plan}`"
              f" applied to its baseline; accuracy on {examples:,} evaluation examples before any fine-tuning; "
              f"reconstruction on {len(calib)} calibration batches of {opts.train.batch_size} took {seconds} s on one "
              "thread.\n", "| model | accuracy |", "|---|---|"]

@@ -58,8 +58,8 @@ def plan_bits(model: nn.Module, calib: list, target: Target, bits: tuple[int, ..
         act = act_bits if (act_bits and act_bits in support.activation_bits) else None
         plan[n] = LayerBits(torch.full((m.weight.shape[0],), layer_high, dtype=torch.int8),
                             support.group_size_for(layer_high), act, None)
-    eligible = {n: m for n, m in layers.items()
-                if low in precisions[n] and low < high and _fits_groups(m, target.support(op_kind(m)).group_size_for(low))}
+    eligible = {n: m for n, m in layers.items() if low in precisions[n] and low < high
+                and _fits_groups(m, target.support(op_kind(m)).group_size_for(low))}
     if not eligible or low_share == 0:
         return plan
     fisher = squared_gradients(model, calib, eligible.values()) if criterion == "taylor" \

@@ -72,7 +72,8 @@ class CompressOptions:
         if not 0.0 <= self.fade < 1.0:
             raise UserError(f"--fade must be in [0, 1), got {self.fade}")
         if self.reconstruct and self.fade > 0:
-            raise UserError("--reconstruct re-fits layers after channels are removed at once; it does not go with --fade")
+            raise UserError("--reconstruct re-fits layers after channels are removed at once; "
+                            "it does not go with --fade")
         self.train.validate()
 
 
@@ -260,7 +261,8 @@ def run_compress(baseline_dir: Path, out: Path, opts: CompressOptions, data: Dat
         "low_bit_share": round(share, 4), "low_bit_budget": opts.low_bit_share if quant_plan else 0.0,
         "pruned_dimensions": _pruned_dimensions(pruning), "fade_epochs": fade,
         "reconstruction": {n: {k: round(v, 4) for k, v in r.items()} for n, r in reconstruction.items()} or None,
-        "analysis_seconds": round(analysis_seconds, 1), "finetune_seconds": round(time.time() - start - analysis_seconds, 1),
+        "analysis_seconds": round(analysis_seconds, 1),
+        "finetune_seconds": round(time.time() - start - analysis_seconds, 1),
         "history": history,
     }
     plan = {"model": loaded.spec.to_json(), "method": opts.method, "data": asdict(data),

@@ -96,7 +96,8 @@ def build_graph(model: nn.Module, example_inputs: Any) -> tp.DependencyGraph:
 
 
 def _attention_modules(model: nn.Module):
-    """(name, self-attention module, query Linear, heads attribute, head size) for BERT- and DistilBERT-style encoders."""
+    """(name, self-attention module, query Linear, heads attribute, head size) of BERT- and DistilBERT-style
+    encoders."""
     for name, m in model.named_modules():
         if all(hasattr(m, a) for a in ("query", "key", "value", "num_attention_heads")):
             yield name, m, m.query, "num_attention_heads", m.attention_head_size
@@ -324,7 +325,8 @@ def apply_pruning(model: nn.Module, example_inputs: Any, decisions: list[GroupDe
     return model
 
 
-def removed_outputs(model: nn.Module, example_inputs: Any, decisions: list[GroupDecision]) -> dict[nn.Module, list[int]]:
+def removed_outputs(model: nn.Module, example_inputs: Any,
+                    decisions: list[GroupDecision]) -> dict[nn.Module, list[int]]:
     """Every module of the unpruned `model` whose outputs the decisions remove, with those output indices."""
     graph = build_graph(model, example_inputs)
     groups = {g.name: g for g in find_groups(model, graph)}
@@ -356,7 +358,8 @@ class FadeOut:
 
     def __init__(self, model: nn.Module, example_inputs: Any, decisions: list[GroupDecision]):
         self.factor = 1.0
-        self._channels = {m: torch.tensor(idxs) for m, idxs in removed_outputs(model, example_inputs, decisions).items()}
+        removed = removed_outputs(model, example_inputs, decisions)
+        self._channels = {m: torch.tensor(idxs) for m, idxs in removed.items()}
 
     def _scale(self, module: nn.Module, _inputs, output: torch.Tensor) -> torch.Tensor:
         dim = -1 if isinstance(module, nn.Linear) else 1

@@ -107,7 +107,8 @@ def test_parse_devices_skips_daemon_chatter():
             "0123456789ABCDEF\tno permissions (user in plugdev group; are your udev rules wrong?); see [x]\n\n")
     assert parse_devices(text) == [("emulator-5554", "device"), ("R58M1234ABC", "unauthorized"),
                                    ("0123456789ABCDEF", "no permissions")]
-    with pytest.raises(AdbUnavailable, match="0123456789ABCDEF has no permissions: the host user cannot open the USB device"):
+    with pytest.raises(AdbUnavailable,
+                       match="0123456789ABCDEF has no permissions: the host user cannot open the USB device"):
         adbmod.choose_serial(parse_devices(text), "0123456789ABCDEF")
 
 

@@ -126,7 +126,8 @@ def export(
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="default: the one recorded in the artifact"),
     threads: int = typer.Option(1, "--threads"),
     overflow_fix: str = typer.Option("auto", "--overflow-fix",
-                                     help="OpenVINO: 7-bit int8 weights for CPUs without VNNI: auto (this CPU) | on | off"),
+                                     help="OpenVINO: 7-bit int8 weights for CPUs without VNNI: "
+                                          "auto (this CPU) | on | off"),
     as_json: bool = typer.Option(False, "--json"),
     quiet: bool = typer.Option(False, "--quiet"),
 ):
@@ -178,7 +179,8 @@ def report(
     html: bool = typer.Option(False, "--html", help="also one self-contained report.html"),
     as_json: bool = typer.Option(False, "--json"),
 ):
-    """The comparison table (per method and runtime) and the pictures: accuracy vs bytes and vs latency, per-layer plan."""
+    """The comparison table (per method and runtime) and the pictures: accuracy vs bytes and vs latency, per-layer
+    plan."""
     from hpqdeploy.reporting import run_report
 
     result = run_report(dirs, output, html)

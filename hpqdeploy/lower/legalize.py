@@ -82,11 +82,13 @@ def legalize(model: nn.Module, target: Target, mixed: str = "split") -> list[Cha
                                       f"{target.name} runs {low}-bit {kind} weights {s.granularity.get(low)}"))
                 m.w_group.fill_(want or 0)
             else:
-                new = _raise_bits(low + 1, tuple(b for b in s.weight_bits if s.group_size_for(b) is None) or s.weight_bits)
+                ungrouped = tuple(b for b in s.weight_bits if s.group_size_for(b) is None)
+                new = _raise_bits(low + 1, ungrouped or s.weight_bits)
                 m.w_bits[m.w_bits == low] = new
                 m.w_group.fill_(0)
                 changes.append(Change(name, "weight bits", f"{low}-bit", f"{new}-bit",
-                                      f"{m.weight[0].numel()} inputs do not divide into {target.name}'s groups of {want}"))
+                                      f"{m.weight[0].numel()} inputs do not divide into {target.name}'s groups "
+                                      f"of {want}"))
         _legalize_activations(name, m, kind, s, target, changes)
     if mixed == "layer":
         for name, m in model.named_modules():

@@ -29,7 +29,8 @@ def _cifar_resnet(name: str, num_classes: int, input_shape=None, weights: Path |
         except (RuntimeError, KeyError, ValueError, AttributeError) as exc:
             raise UserError(f"{weights} does not fit {name} with {num_classes} classes and {in_channels} input "
                             f"channels: {str(exc).splitlines()[0][:160]}") from None
-    spec = ModelSpec("cifar_resnet", name, {"num_classes": num_classes, "input_shape": list(input_shape or (3, 32, 32))})
+    spec = ModelSpec("cifar_resnet", name,
+                     {"num_classes": num_classes, "input_shape": list(input_shape or (3, 32, 32))})
     return LoadedModel(model, spec, "image", image_collate, _image_example(input_shape))
 
 
@@ -37,7 +38,8 @@ def _cifar_resnet(name: str, num_classes: int, input_shape=None, weights: Path |
 def _torchvision(name: str, num_classes: int, input_shape=None, weights: Path | None = None,
                  pretrained: bool = True, **_) -> LoadedModel:
     model = torchvision_zoo.build(name, num_classes, weights, pretrained)
-    spec = ModelSpec("torchvision", name, {"num_classes": num_classes, "input_shape": list(input_shape or (3, 224, 224))})
+    spec = ModelSpec("torchvision", name,
+                     {"num_classes": num_classes, "input_shape": list(input_shape or (3, 224, 224))})
     return LoadedModel(model, spec, "image", image_collate, _image_example(input_shape))
 
 
