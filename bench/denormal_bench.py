@@ -2,7 +2,7 @@
 
 A ResNet-20 baseline run (`hpqdeploy train ... --epochs 10`) on an Intel Xeon slowed from about 4.5 minutes an epoch
 to about 20 after its second epoch: Adam had left thousands of weights and moments in the subnormal range, and every
-operation on one takes a microcode assist on Intel CPUs. `hpqdeploy.finetune.flush_denormals` now turns on flush
+operation on one takes a microcode assist on Intel CPUs. `hpqdeploy.denormals.set_flush` now turns on flush
 to zero for training. This script measures what that buys from a real run's checkpoint: training steps (batch 64,
 one thread) from the checkpoint's weights and optimizer state, flushing off and on, alternated, each repeat
 starting again from the checkpoint.

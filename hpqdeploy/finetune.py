@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader, Dataset
 
+from hpqdeploy.denormals import flush_subnormals
 from hpqdeploy.errors import UserError
 from hpqdeploy.hooks import forward, forward_hooks
 
@@ -49,16 +50,6 @@ def lr_factor(step: int, steps: int, warmup_steps: int = 0) -> float:
         return (step + 1) / warmup_steps
     done = min(step, steps) - warmup_steps
     return 0.5 * (1 + math.cos(math.pi * done / max(1, steps - warmup_steps)))
-
-
-def flush_denormals() -> None:
-    """Treat subnormal floats as zero from here on, process-wide (x86 FTZ/DAZ, the flush mode of ARM).
-
-    Adam drives the moments, and then the weights, of units whose gradient has died into the subnormal range; on
-    Intel CPUs every operation that touches a subnormal takes a microcode assist. Measured on a Xeon with AMX
-    (bench/denormal_bench.py): a ResNet-20 step from the state of epoch 5 took 2.4 s instead of 0.19 s, and the
-    run's epochs had gone from 4.5 to about 20 minutes. Values under 1.2e-38 carry no information here."""
-    torch.set_flush_denormal(True)
 
 
 def loader(dataset: Dataset, collate: Callable, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
@@ -154,7 +145,7 @@ def finetune(model: nn.Module, data: DataLoader, cfg: TrainConfig, checkpoint: P
     `span` trains only those epochs of the `cfg.epochs`-long schedule (a run in phases: the learning rate goes on
     where the previous phase left it); `before_step(step, steps)` is called before each step of the span.
     """
-    flush_denormals()
+    flush_subnormals()
     if teacher is not None:
         teacher.eval()
     span = range(cfg.epochs) if span is None else span

@@ -15,8 +15,9 @@ import torch
 from hpqdeploy import artifact
 from hpqdeploy.bitalloc import LayerBits, check_bits, low_bit_share, plan_bits
 from hpqdeploy.data import DataRequest, Splits, load_data
+from hpqdeploy.denormals import flush_subnormals
 from hpqdeploy.errors import UserError
-from hpqdeploy.finetune import TrainConfig, evaluate, finetune, flush_denormals, loader
+from hpqdeploy.finetune import TrainConfig, evaluate, finetune, loader
 from hpqdeploy.hooks import forward
 from hpqdeploy.importance import CRITERIA
 from hpqdeploy.metrics import count_macs, count_params, param_breakdown, weight_bytes
@@ -183,7 +184,7 @@ def run_compress(baseline_dir: Path, out: Path, opts: CompressOptions, data: Dat
     """Prune and/or quantize a baseline, fine-tune once, evaluate, and write the artifact."""
     opts.validate()
     artifact.check_output(out)
-    flush_denormals()  # before the analysis too: a baseline trained elsewhere may hold subnormal weights
+    flush_subnormals()  # before the analysis too: a baseline trained elsewhere may hold subnormal weights
     target = load_target(opts.target)
     base = artifact.load(baseline_dir)
     if base.plan.get("method") != "baseline":
