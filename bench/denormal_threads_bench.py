@@ -48,7 +48,7 @@ def share_in_training(threads: int) -> float:
     used torch's switch alone: whether the workers already exist by then."""
     from typer.testing import CliRunner
 
-    from hpqdeploy import finetune
+    from hpqdeploy import denormals
     from hpqdeploy.cli.app import app
 
     seen = []
@@ -58,13 +58,13 @@ def share_in_training(threads: int) -> float:
         seen.append(flushed_share())
 
     torch.set_num_threads(threads)
-    original, finetune.flush_subnormals = finetune.flush_subnormals, calling_thread_only
+    original, denormals.flush_subnormals = denormals.flush_subnormals, calling_thread_only
     try:
         with tempfile.TemporaryDirectory() as tmp:
             result = CliRunner().invoke(app, ["train", "resnet20", "--data", "digits", "--scratch", "--epochs", "1",
                                               "-o", str(Path(tmp) / "baseline"), "--quiet"])
     finally:
-        finetune.flush_subnormals = original
+        denormals.flush_subnormals = original
     if result.exit_code or not seen:
         raise SystemExit(f"the training run failed: {result.output}")
     return seen[0]
@@ -108,7 +108,8 @@ def main() -> None:
         f"switch alone at the start of `finetune` would flush a share of {in_training:.2f}: the workers exist by "
         "then.", "",
         f"CPU: {blob['cpu']}. torch's switch alone leaves the workers' share of every parallel op on the slow path; "
-        "`finetune` and `compress` use `set_flush`.",
+        "`finetune` and `compress` run under `subnormals_flushed`: `set_flush` on every thread for the run, the "
+        "previous mode restored after.",
     ])
     publish(RESULTS, blob, "denormal-threads", "Subnormal flushing across threads", section)
 

@@ -9,12 +9,14 @@ The flush mode is a per-thread register (x86 MXCSR FTZ/DAZ, ARM FPCR FZ). `torch
 calling thread's only; OpenMP workers torch has already started keep theirs, so at two threads half of every
 parallel op still saw the subnormals. `set_flush` also runs the setting on each thread of the caller's OpenMP team,
 through the libgomp torch's own parallel regions run on, and then checks what every thread does.
+`subnormals_flushed` is what training uses: flushed for the block, and afterwards as before.
 """
 
 from __future__ import annotations
 
 import ctypes
 import warnings
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 
@@ -87,3 +89,16 @@ def flush_subnormals() -> None:
     if not set_flush(True) and torch.set_flush_denormal(True):
         warnings.warn("subnormal floats: some of torch's threads could not be set to flush them to zero (no libgomp "
                       "found); training may slow down on Intel CPUs; OMP_NUM_THREADS=1 avoids it")
+
+
+@contextmanager
+def subnormals_flushed():
+    """Flush subnormals on every thread for the block (a context manager or a decorator); afterwards they are
+    computed again if no thread flushed them before."""
+    before = flushed_share()
+    flush_subnormals()
+    try:
+        yield
+    finally:
+        if before == 0.0:
+            set_flush(False)

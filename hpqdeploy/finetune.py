@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader, Dataset
 
-from hpqdeploy.denormals import flush_subnormals
+from hpqdeploy.denormals import subnormals_flushed
 from hpqdeploy.errors import UserError
 from hpqdeploy.hooks import forward, forward_hooks
 
@@ -132,6 +132,7 @@ def attention_taps(model: nn.Module, teacher: nn.Module | None, cfg: TrainConfig
         yield student, taught
 
 
+@subnormals_flushed()
 def finetune(model: nn.Module, data: DataLoader, cfg: TrainConfig, checkpoint: Path | None = None,
              resume: bool = False, quiet: bool = False, teacher: nn.Module | None = None,
              span: range | None = None, before_step: Callable[[int, int], None] | None = None) -> list[dict]:
@@ -144,8 +145,8 @@ def finetune(model: nn.Module, data: DataLoader, cfg: TrainConfig, checkpoint: P
     `cfg.attention_layers` (the teacher runs only when distilling).
     `span` trains only those epochs of the `cfg.epochs`-long schedule (a run in phases: the learning rate goes on
     where the previous phase left it); `before_step(step, steps)` is called before each step of the span.
+    Subnormal floats are flushed to zero on every thread while it runs (`hpqdeploy.denormals`).
     """
-    flush_subnormals()
     if teacher is not None:
         teacher.eval()
     span = range(cfg.epochs) if span is None else span

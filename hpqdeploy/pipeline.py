@@ -15,7 +15,7 @@ import torch
 from hpqdeploy import artifact
 from hpqdeploy.bitalloc import LayerBits, check_bits, low_bit_share, plan_bits
 from hpqdeploy.data import DataRequest, Splits, load_data
-from hpqdeploy.denormals import flush_subnormals
+from hpqdeploy.denormals import subnormals_flushed
 from hpqdeploy.errors import UserError
 from hpqdeploy.finetune import TrainConfig, evaluate, finetune, loader
 from hpqdeploy.hooks import forward
@@ -179,12 +179,12 @@ def _attach_quantizers(model, quant_plan: dict[str, LayerBits], calib: list) -> 
         calibrate(model, calib)
 
 
+@subnormals_flushed()  # the analysis too: a baseline trained elsewhere may hold subnormal weights
 def run_compress(baseline_dir: Path, out: Path, opts: CompressOptions, data: DataOptions | None = None,
                  quiet: bool = False, resume: bool = False, command: str = "") -> dict:
     """Prune and/or quantize a baseline, fine-tune once, evaluate, and write the artifact."""
     opts.validate()
     artifact.check_output(out)
-    flush_subnormals()  # before the analysis too: a baseline trained elsewhere may hold subnormal weights
     target = load_target(opts.target)
     base = artifact.load(baseline_dir)
     if base.plan.get("method") != "baseline":

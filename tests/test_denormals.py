@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hpqdeploy import denormals
-from hpqdeploy.denormals import flush_subnormals, flushed_share, set_flush
+from hpqdeploy.denormals import flush_subnormals, flushed_share, set_flush, subnormals_flushed
 
 
 @pytest.fixture
@@ -46,3 +46,19 @@ def test_single_thread_needs_no_team(monkeypatch):
     finally:
         set_flush(False)
         torch.set_num_threads(before)
+
+
+def test_subnormals_flushed_restores_what_was_there(two_threads):
+    with subnormals_flushed():
+        assert flushed_share() == 1.0
+    assert flushed_share() == 0.0
+    set_flush(True)
+    with subnormals_flushed():
+        pass
+    assert flushed_share() == 1.0  # a caller that flushed keeps flushing
+
+
+def test_subnormals_flushed_restores_after_an_error(two_threads):
+    with pytest.raises(RuntimeError), subnormals_flushed():
+        raise RuntimeError("boom")
+    assert flushed_share() == 0.0

@@ -114,15 +114,24 @@ def test_feature_tap_names_a_missing_layer():
 def test_finetune_flushes_subnormals(tmp_path):
     """Adam's first moment of a weight whose gradient dies decays by 0.9 a step: after ~800 steps it is subnormal,
     and on Intel CPUs each operation on a subnormal is ~100x slower. finetune runs with them flushed to zero."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    torch.ones(1 << 18).mul_(2)  # torch's OpenMP workers exist before finetune starts, as in a real run
     set_flush(False)  # the process default; an earlier test may have turned it on
     torch.manual_seed(0)
     model = nn.Linear(4, 2)
     live = (torch.randn(8, 4), torch.randint(0, 2, (8,)))
     dead = (torch.zeros(8, 4), torch.zeros(8, dtype=torch.long))  # zero inputs: no gradient for the weight
     cfg = TrainConfig(epochs=1, lr=1e-3, weight_decay=0.0, batch_size=8)
-    finetune(model, [live] + [dead] * 900, cfg, checkpoint=tmp_path / "c.ckpt", quiet=True)
+    shares = []
+    try:
+        finetune(model, [live] + [dead] * 900, cfg, checkpoint=tmp_path / "c.ckpt", quiet=True,
+                 before_step=lambda step, steps: shares.append(flushed_share()) if step == 0 else None)
+    finally:
+        torch.set_num_threads(threads)
+    assert shares == [1.0]  # every thread flushes while it trains, the workers too
     moment = torch.load(tmp_path / "c.ckpt", weights_only=True)["optimizer"]["state"][0]["exp_avg"]
     tiny = torch.finfo(torch.float32).tiny
     assert not ((moment != 0) & (moment.abs() < tiny)).any()
     assert (moment == 0).all()  # 0.9**900 of the first step's moment is far below the smallest normal float
-    assert flushed_share() == 1.0  # on every thread, and it stays on for what runs after
+    assert flushed_share() == 0.0  # afterwards every thread computes subnormals again, as before the call
