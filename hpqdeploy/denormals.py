@@ -87,8 +87,8 @@ def _torch_libgomp() -> ctypes.CDLL | None:
 def flush_subnormals() -> None:
     """`set_flush(True)` for training, warning when the CPU can flush but some of torch's threads still do not."""
     if not set_flush(True) and torch.set_flush_denormal(True):
-        warnings.warn("subnormal floats: some of torch's threads could not be set to flush them to zero (no libgomp "
-                      "found); training may slow down on Intel CPUs; OMP_NUM_THREADS=1 avoids it")
+        warnings.warn("subnormal floats: some of torch's threads still compute them (their OpenMP runtime could not "
+                      "be reached); training may slow down on Intel CPUs; OMP_NUM_THREADS=1 avoids it")
 
 
 @contextmanager
