@@ -39,7 +39,7 @@ class ExportOptions:
     calib_batches: int = 8
     threads: int = 1
     data_dir: str | None = None
-    overflow_fix: str = "auto"  # auto: narrow int8 weights where the runtime's kernels would saturate on this CPU
+    overflow_fix: str = "auto"  # auto: keep int8 kernels exact where they would saturate on this CPU (no VNNI)
 
 
 def fixed_collate(loaded):
@@ -85,12 +85,14 @@ def run_export(artifact_dir: Path, out: Path, opts: ExportOptions, quiet: bool =
     reference = loaded.module.eval()
     legal = copy.deepcopy(reference)
     changes = legalize(legal, target, opts.mixed)
-    if _narrow(runtime, opts.overflow_fix):
+    overflow_fix = _overflow_fix(runtime, opts.overflow_fix)
+    if overflow_fix and runtime.overflow_fix_by == "narrow":
         changes += narrow_int8_weights(legal, runtime.name)
     legal.eval()
     calib = list(loader(splits.calib, collate, opts.batch_size, shuffle=False))[: opts.calib_batches]
     example = next(iter(loader(splits.eval, collate, 1, shuffle=False)))[0]
-    ctx = LoweringContext(legal, target, example, calib, loaded.modality, tuple(sorted({1, opts.batch_size})))
+    ctx = LoweringContext(legal, target, example, calib, loaded.modality, tuple(sorted({1, opts.batch_size})),
+                          overflow_fix)
     work = artifact.partial_dir(out)
     if work.exists():
         shutil.rmtree(work)
@@ -121,8 +123,9 @@ def run_export(artifact_dir: Path, out: Path, opts: ExportOptions, quiet: bool =
     return report
 
 
-def _narrow(runtime, overflow_fix: str) -> bool:
-    """"auto" decides on this machine, where the artifact is verified; pass "on" for non-VNNI deployment CPUs."""
+def _overflow_fix(runtime, overflow_fix: str) -> bool:
+    """Whether the artifact's int8 kernels must be exact on CPUs without VNNI. "auto" decides on this machine, where
+    the artifact is verified; pass "on" for non-VNNI deployment CPUs."""
     if overflow_fix == "auto":
         return runtime.int8_pairs_saturate and has_vnni() is False
     return overflow_fix == "on"

@@ -80,7 +80,7 @@ def test_cpu_flags_decide_vnni():
 
 
 @pytest.mark.parametrize("target, fix, message", [
-    ("onnxruntime", "on", "do not saturate"),
+    ("executorch", "on", "do not saturate"),
     ("openvino", "sometimes", "--overflow-fix must be one of"),
 ])
 def test_bad_overflow_fix_is_refused(tmp_path, target, fix, message):

@@ -10,7 +10,8 @@ import torch
 
 from hpqdeploy.errors import UserError
 from hpqdeploy.lower.legalize import SplitLinear, legalize
-from hpqdeploy.lower.onnx_qdq import ONNXRUNTIME, TENSORRT, export_qdq, inspect_onnx, swap_in_stand_ins
+from hpqdeploy.lower.onnx_qdq import (ONNXRUNTIME, ONNXRUNTIME_NO_VNNI, TENSORRT, export_qdq, inspect_onnx,
+                                      swap_in_stand_ins)
 from hpqdeploy.lower.onnxruntime_rt import OrtSession
 from hpqdeploy.quantize import QConv2d, QLinear, attach, calibrate, quantizable_layers
 from hpqdeploy.targets import load_target
@@ -59,10 +60,11 @@ def _run(path, inputs, **kw):
     return session({k: v.numpy() for k, v in inputs.items()} if isinstance(inputs, dict) else inputs.numpy())
 
 
-def test_int8_weights_are_stored_as_integers(tiny_resnet, resnet_calib, resnet_example, tmp_path):
+@pytest.mark.parametrize("flavor, dtype", [(ONNXRUNTIME, "int8"), (ONNXRUNTIME_NO_VNNI, "uint8")])
+def test_int8_weights_are_stored_as_integers(tiny_resnet, resnet_calib, resnet_example, tmp_path, flavor, dtype):
     model = _quantize_resnet(tiny_resnet, resnet_calib)
     legalize(model, load_target("onnxruntime"))
-    result = export_qdq(model, resnet_example, tmp_path / "model.onnx", ONNXRUNTIME)
+    result = export_qdq(model, resnet_example, tmp_path / "model.onnx", flavor)
     proto = onnx.load(str(result.path))
     inits = {t.name: t for t in proto.graph.initializer}
     assert {layer.form for layer in result.layers.values() if layer.kind == "conv"} == {"dq_int8"}
@@ -71,11 +73,11 @@ def test_int8_weights_are_stored_as_integers(tiny_resnet, resnet_calib, resnet_e
         if layer.form != "dq_int8":
             continue  # the 4-bit part of the split classifier: MatMulNBits, tested below
         stored = inits[f"{name}.weight_quantized"]  # ... replaced by its 8-bit codes
-        assert stored.data_type == onnx.TensorProto.UINT8
+        assert stored.data_type == getattr(onnx.TensorProto, dtype.upper())
         assert list(stored.dims) == list(layer.params.int_weight.T.shape if layer.kind == "linear"
                                          else layer.params.int_weight.shape)
     weights = inspect_onnx(result.path)["weights"]
-    assert weights["uint8"] > 20 * weights.get("float32", 0)  # only biases, scales and the like stay float
+    assert weights[dtype] > 20 * weights.get("float32", 0)  # only biases, scales and the like stay float
     assert result.path.stat().st_size < 0.4 * sum(p.numel() * 4 for p in tiny_resnet.parameters())
 
 

@@ -126,8 +126,8 @@ def export(
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="default: the one recorded in the artifact"),
     threads: int = typer.Option(1, "--threads"),
     overflow_fix: str = typer.Option("auto", "--overflow-fix",
-                                     help="OpenVINO: 7-bit int8 weights for CPUs without VNNI: "
-                                          "auto (this CPU) | on | off"),
+                                     help="int8 kernels exact on x86 CPUs without VNNI (OpenVINO: 7-bit "
+                                          "weights; ONNX Runtime: u8 x u8): auto (this CPU) | on | off"),
     as_json: bool = typer.Option(False, "--json"),
     quiet: bool = typer.Option(False, "--quiet"),
 ):

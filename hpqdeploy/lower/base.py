@@ -28,6 +28,7 @@ class LoweringContext:
     calib: list  # calibration batches [(inputs, labels)], the same split `compress` used
     modality: str  # "image" | "text"
     batch_sizes: tuple[int, ...] = (1, 32)  # batches the artifact must run (static-shape runtimes: one program each)
+    overflow_fix: bool = False  # int8 kernels must stay exact on x86 CPUs without VNNI (see Runtime.overflow_fix_by)
 
 
 @dataclass
@@ -51,8 +52,11 @@ class Runtime(ABC):
     extra: str  # the pip extra that installs it
     modules: tuple[str, ...]  # importable modules it needs
     # True where the runtime's x86 int8 kernels add u8 x i8 products in pairs into saturating int16 on CPUs
-    # without VNNI; export then narrows 8-bit weights of int8 layers to 7 bits there (legalize.narrow_int8_weights)
+    # without VNNI. Where the artifact must run on such a CPU (`--overflow-fix`), export avoids it the runtime's way:
+    # "narrow" (8-bit weights of int8 layers narrowed to 7 bits, legalize.narrow_int8_weights) or "unsigned" (the
+    # lowering stores the weights as uint8 with zero point 128, for exact u8 x u8 kernels).
     int8_pairs_saturate: bool = False
+    overflow_fix_by: str = "narrow"
 
     def missing(self) -> str | None:
         """The first required module that does not import, or None."""

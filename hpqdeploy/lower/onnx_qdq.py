@@ -9,8 +9,8 @@ weight (integer x scale, exactly what the fake-quant layer computes) as one cons
 `fake_quantize_per_tensor_affine` op `export_form` emits (-> QuantizeLinear/DequantizeLinear). The post-pass finds
 each layer's weight by that name and writes the runtime's integer form in its place:
 
-- 8-bit per-channel: 8-bit codes feeding DequantizeLinear (int8 for TensorRT; uint8 with zero point 128, the same
-  values, for ONNX Runtime: see `ONNXRUNTIME`);
+- 8-bit per-channel: 8-bit codes feeding DequantizeLinear (int8; for ONNX Runtime on CPUs without VNNI uint8 with
+  zero point 128, the same values: see `ONNXRUNTIME`);
 - weight-only linear layers (grouped 4/8-bit, or 8-bit with float inputs) on ONNX Runtime:
   `com.microsoft.MatMulNBits` (codes q + 2^(b-1), default zero point, fp32 accuracy);
 - grouped 4-bit linear weights on TensorRT: opset-21 INT4 DequantizeLinear with `block_size` (weight-only);
@@ -29,7 +29,7 @@ import io
 import math
 import warnings
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -58,11 +58,14 @@ class QdqFlavor:
     base_opset: int = 17  # per-channel Q/DQ needs 13; 21 is used only where INT4 DequantizeLinear is written
 
 
-# ONNX Runtime: uint8 x uint8. Its x86 integer kernels without VNNI (AVX2, AVX-512F) sum pairs of uint8 x int8
-# products in saturating int16, so full-range int8 weights (the plan's +-127) give wrong sums next to large
-# activations; uint8 weights with zero point 128 hold the same values and take the exact u8u8 kernels.
-ONNXRUNTIME = QdqFlavor("onnxruntime", activations="uint8", weights="uint8", grouped_linear="matmulnbits",
+# ONNX Runtime: uint8 activations, int8 weights (u8 x s8, its fastest x86 kernels: on a Xeon with VNNI 1.26x
+# faster than u8 x u8 on the ResNet-20 hybrid, same outputs). Without VNNI (AVX2, AVX-512F) those kernels sum pairs
+# of u8 x s8 products in saturating int16, so full-range int8 weights (the plan's +-127) give wrong sums next to
+# large activations; `ONNXRUNTIME_NO_VNNI` stores them as uint8 with zero point 128 (the same values) for the exact
+# u8 x u8 kernels (export's `--overflow-fix`).
+ONNXRUNTIME = QdqFlavor("onnxruntime", activations="uint8", weights="int8", grouped_linear="matmulnbits",
                         embedding="gather_block")
+ONNXRUNTIME_NO_VNNI = replace(ONNXRUNTIME, weights="uint8")
 TENSORRT = QdqFlavor("tensorrt", activations="int8", weights="int8", grouped_linear="block_dq", embedding="dq_gather")
 
 

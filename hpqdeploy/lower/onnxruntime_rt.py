@@ -15,7 +15,7 @@ import numpy as np
 
 from hpqdeploy.errors import UserError
 from hpqdeploy.lower.base import Lowered, LoweringContext, Runtime, Session, register_runtime
-from hpqdeploy.lower.onnx_qdq import ONNXRUNTIME, export_qdq, inspect_onnx
+from hpqdeploy.lower.onnx_qdq import ONNXRUNTIME, ONNXRUNTIME_NO_VNNI, export_qdq, inspect_onnx
 
 MODEL_FILE = "model.onnx"
 INTEGER_KERNELS = {"QGemm", "MatMulIntegerToFloat", "MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul",
@@ -100,13 +100,19 @@ def optimized_graph(path: Path) -> dict:
 class OnnxRuntime(Runtime):
     extra = "onnx"
     modules = ("onnx", "onnxruntime")
+    int8_pairs_saturate = True  # its u8 x s8 kernels on x86 without VNNI; the u8 x u8 ones are exact everywhere
+    overflow_fix_by = "unsigned"
 
     def lower(self, ctx: LoweringContext, out_dir: Path) -> Lowered:
-        result = export_qdq(ctx.model, ctx.example_inputs, out_dir / MODEL_FILE, ONNXRUNTIME)
+        flavor = ONNXRUNTIME_NO_VNNI if ctx.overflow_fix else ONNXRUNTIME
+        result = export_qdq(ctx.model, ctx.example_inputs, out_dir / MODEL_FILE, flavor)
         notes = result.notes()
         if any(layer.form == "dq_int8" for layer in result.layers.values()):
             notes.append("8-bit weights stored as uint8 with zero point 128 (the same values as int8 with zero point "
-                         "0): ORT's u8s8 kernels saturate on x86 CPUs without VNNI, u8u8 do not")
+                         "0) for ORT's u8 x u8 kernels, exact on x86 CPUs without VNNI (`--overflow-fix`)"
+                         if ctx.overflow_fix else
+                         "8-bit weights stored as int8 for ORT's u8 x s8 kernels: exact on CPUs with VNNI (this one), "
+                         "not on x86 CPUs without it; export with `--overflow-fix on` for those")
         return Lowered(result.files, notes)
 
     def load(self, out_dir: Path, threads: int = 1) -> Session:
