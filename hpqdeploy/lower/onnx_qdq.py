@@ -58,11 +58,11 @@ class QdqFlavor:
     base_opset: int = 17  # per-channel Q/DQ needs 13; 21 is used only where INT4 DequantizeLinear is written
 
 
-# ONNX Runtime: uint8 activations, int8 weights (u8 x s8, its fastest x86 kernels: on a Xeon with VNNI 1.26x
-# faster than u8 x u8 on the ResNet-20 hybrid, same outputs). Without VNNI (AVX2, AVX-512F) those kernels sum pairs
-# of u8 x s8 products in saturating int16, so full-range int8 weights (the plan's +-127) give wrong sums next to
-# large activations; `ONNXRUNTIME_NO_VNNI` stores them as uint8 with zero point 128 (the same values) for the exact
-# u8 x u8 kernels (export's `--overflow-fix`).
+# ONNX Runtime: uint8 activations, int8 weights (u8 x s8, its fastest x86 kernels: on a Xeon with VNNI 1.24x
+# faster than u8 x u8 on the ResNet-20 hybrid, same outputs; bench/ort_encoding_bench.py). Without VNNI (AVX2,
+# AVX-512F) those kernels sum pairs of u8 x s8 products in saturating int16, so full-range int8 weights (the plan's
+# +-127) give wrong sums next to large activations; `ONNXRUNTIME_NO_VNNI` stores them as uint8 with zero point 128
+# (the same values) for the exact u8 x u8 kernels (export's `--overflow-fix`).
 ONNXRUNTIME = QdqFlavor("onnxruntime", activations="uint8", weights="int8", grouped_linear="matmulnbits",
                         embedding="gather_block")
 ONNXRUNTIME_NO_VNNI = replace(ONNXRUNTIME, weights="uint8")
