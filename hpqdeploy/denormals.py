@@ -85,8 +85,8 @@ def _torch_libgomp() -> ctypes.CDLL | None:
 
 
 def flush_subnormals() -> None:
-    """`set_flush(True)` for training, warning when the CPU can flush but some of torch's threads still do not."""
-    if not set_flush(True) and torch.set_flush_denormal(True):
+    """`set_flush(True)` for training, warning when some of torch's threads flush and others still do not."""
+    if not set_flush(True) and flushed_share() > 0.0:  # 0.0: a CPU without a flush mode, nothing to warn about
         warnings.warn("subnormal floats: some of torch's threads still compute them (their OpenMP runtime could not "
                       "be reached); training may slow down on Intel CPUs; OMP_NUM_THREADS=1 avoids it")
 
@@ -96,7 +96,8 @@ def subnormals_flushed():
     """Flush subnormals on every thread for the block (a context manager or a decorator); afterwards they are
     computed again if no thread flushed them before."""
     before = flushed_share()
-    flush_subnormals()
+    if before < 1.0:  # nested (finetune inside run_compress): every thread flushes already
+        flush_subnormals()
     try:
         yield
     finally:
