@@ -111,8 +111,8 @@ class OnnxRuntime(Runtime):
             notes.append("8-bit weights stored as uint8 with zero point 128 (the same values as int8 with zero point "
                          "0) for ORT's u8 x u8 kernels, exact on x86 CPUs without VNNI (`--overflow-fix`)"
                          if ctx.overflow_fix else
-                         "8-bit weights stored as int8 for ORT's u8 x s8 kernels: exact on CPUs with VNNI (this one), "
-                         "not on x86 CPUs without it; export with `--overflow-fix on` for those")
+                         "8-bit weights stored as int8 for ORT's u8 x s8 kernels: exact on CPUs with VNNI, not on "
+                         "x86 CPUs without it; export with `--overflow-fix on` for those")
         return Lowered(result.files, notes)
 
     def load(self, out_dir: Path, threads: int = 1) -> Session:
