@@ -41,6 +41,10 @@ PRECISIONS = {"f32": "f32", "bf16": "bf16", "f16": "f16", "default": None}
 # test_grouped_four_bit_weights (0 without it). "f32" asks for the plan's numerics, so it turns that off;
 # "default" keeps the plugin's own choices and reports them.
 _PLAN_NUMERICS = {"DYNAMIC_QUANTIZATION_GROUP_SIZE": 0}
+WEIGHT_OPS = {"Convolution": (1,), "GroupConvolution": (1,), "MatMul": (0, 1), "Gather": (0,)}
+# ops between a weight constant and its consumer (decompression, FakeQuantize on weights, layout)
+_WEIGHT_PATH = {"Convert", "Subtract", "Multiply", "Reshape", "Transpose", "Unsqueeze", "FakeQuantize"}
+_INDEX_TYPES = {"i32", "i64", "boolean"}  # constants of these types are index tables or shapes, not weights
 
 
 def _compile_config(precision: str, threads: int) -> dict:
@@ -51,10 +55,6 @@ def _compile_config(precision: str, threads: int) -> dict:
     if precision == "f32":
         config.update(_PLAN_NUMERICS)
     return config
-WEIGHT_OPS = {"Convolution": (1,), "GroupConvolution": (1,), "MatMul": (0, 1), "Gather": (0,)}
-# ops between a weight constant and its consumer (decompression, FakeQuantize on weights, layout)
-_WEIGHT_PATH = {"Convert", "Subtract", "Multiply", "Reshape", "Transpose", "Unsqueeze", "FakeQuantize"}
-_INDEX_TYPES = {"i32", "i64", "boolean"}  # constants of these types are index tables or shapes, not weights
 
 
 class _PinnedLinear(QLinear):
