@@ -374,3 +374,22 @@ def test_read_state_dict_turns_any_unreadable_file_into_one_user_error(tmp_path)
     torch.save([torch.ones(1)], tmp_path / "list.th")
     with pytest.raises(UserError, match="holds a list, not a state_dict"):
         read_state_dict(tmp_path / "list.th")
+
+
+def test_weights_from_safetensors_continue_a_baseline(tmp_path):
+    """`--weights` takes a `.safetensors` file, e.g. a `train` output's model.safetensors, to continue training it."""
+    from safetensors.torch import save_file
+
+    from hpqdeploy.models import load_model
+
+    first = load_model("resnet8", num_classes=10, pretrained=False).module
+    save_file(first.state_dict(), str(tmp_path / "model.safetensors"))
+    again = load_model("resnet8", num_classes=10, weights=tmp_path / "model.safetensors").module
+    for (name, a), b in zip(first.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    with pytest.raises(UserError, match="not a readable safetensors file"):
+        load_model("resnet8", num_classes=10, weights=bad)
+    with pytest.raises(UserError, match="does not fit resnet20"):
+        load_model("resnet20", num_classes=10, weights=tmp_path / "model.safetensors")

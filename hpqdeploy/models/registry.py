@@ -106,7 +106,15 @@ def load_model(name: str, *, num_classes: int, input_shape: tuple[int, ...] | No
 
 
 def read_state_dict(path: Path) -> dict:
-    """A checkpoint's state_dict (bare, or under a "state_dict" key), loaded with weights_only=True."""
+    """A checkpoint's state_dict (bare, or under a "state_dict" key), loaded with weights_only=True; a
+    `.safetensors` file (a `train` output's model.safetensors, or a hub's) is read as one."""
+    if Path(path).suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # SafetensorError for bad bytes, OSError, ...
+            raise UserError(f"{path} is not a readable safetensors file ({type(exc).__name__})") from None
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # foreign bytes make the weights-only unpickler raise IndexError, KeyError, ... too
