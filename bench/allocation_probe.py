@@ -104,7 +104,8 @@ def markdown(rows: list[dict]) -> str:
         lines.append(f"| {r['name']} | {r['method']} | {r['epochs']} | {r['accuracy']:.2%} | "
                      f"{r['baseline_accuracy']:.2%} | {100 * (r['accuracy'] - r['baseline_accuracy']):+.2f} | "
                      f"{r['params_ratio']:.3f}x | {r['macs_ratio']:.3f}x | {over} | "
-                     f"{_recipe_text(r.get('recipe', {'seed': 0}))} | {'' if r['seconds'] is None else round(r['seconds'])} |")
+                     f"{_recipe_text(r.get('recipe', {'seed': 0}))} | "
+                     f"{'' if r['seconds'] is None else round(r['seconds'])} |")
     lines += ["", "Commands:", ""] + [f"- {r['name']}: `{r['command']}`" for r in rows]
     return "\n".join(lines) + "\n"
 

@@ -95,10 +95,10 @@ def main() -> None:
     medians = {m: statistics.median(t) for m, t in times.items()}
     command = "python " + shlex.join(sys.argv)
     blob = {"command": command, "threads": args.threads, "elements": ELEMENTS, "calls": args.calls,
-            "repeats": args.repeats, "flushed_share": shares, "flushed_share_at_finetune_start": in_training, "ms_per_call": times, "median_ms": medians,
-            "cpu": cpu_name(), "torch": torch.__version__}
-    rows = [f"| {m} | {f'{shares[m]:.2f}' if m in shares else '-'} | {medians[m]:.2f} | {', '.join(f'{t:.2f}' for t in times[m])} |"
-            for m in times]
+            "repeats": args.repeats, "flushed_share": shares, "flushed_share_at_finetune_start": in_training,
+            "ms_per_call": times, "median_ms": medians, "cpu": cpu_name(), "torch": torch.__version__}
+    rows = [f"| {m} | {f'{shares[m]:.2f}' if m in shares else '-'} | {medians[m]:.2f} | "
+            f"{', '.join(f'{t:.2f}' for t in times[m])} |" for m in times]
     section = "\n".join([
         f"Made by `{command}`: {args.threads} threads, `torch.mul` of {ELEMENTS:,} subnormal float32 values by 0.5, "
         f"{args.calls} calls per repeat, the settings alternated in each of {args.repeats} repeats with the "
