@@ -124,17 +124,19 @@ def _check_compatible(loaded: LoadedModel, splits: Splits) -> None:
 
 def run_train(model_name: str, data: DataOptions, out: Path, cfg: TrainConfig, weights: Path | None = None,
               max_length: int = 64, quiet: bool = False, resume: bool = False, command: str = "",
-              scratch: bool = False) -> dict:
+              scratch: bool = False, head_dropout: float | None = None) -> dict:
     """Step 1 of the plan: a baseline, trained or fine-tuned, with its accuracy and size recorded."""
     artifact.check_output(out)
     cfg.validate()
     splits = load_data(data.name, data.request(cfg.seed))
     info = splits.info
     if (Path(model_name) / "plan.json").is_file():  # a saved artifact of this tool: keep training it
+        if head_dropout is not None:
+            raise UserError(f"--dropout is set when a text model is built; {model_name} is a saved artifact")
         loaded = artifact.load(Path(model_name)).model
     else:
         loaded = load_model(model_name, num_classes=info.num_classes, input_shape=info.input_shape,
-                            weights=weights, max_length=max_length, pretrained=not scratch)
+                            weights=weights, max_length=max_length, pretrained=not scratch, head_dropout=head_dropout)
     _warn_lr(loaded, cfg)
     _check_compatible(loaded, splits)
     torch.manual_seed(cfg.seed)
@@ -151,7 +153,8 @@ def run_train(model_name: str, data: DataOptions, out: Path, cfg: TrainConfig, w
     plan = {"model": loaded.spec.to_json(), "method": "baseline", "data": asdict(data), "pruning": [],
             "quantization": {}, "target": None}
     provenance = {"command": command, "config": {"train": asdict(cfg), "data": asdict(data), "model": model_name,
-                                                 "weights": str(weights) if weights else None, "scratch": scratch},
+                                                 "weights": str(weights) if weights else None, "scratch": scratch,
+                                                 "head_dropout": head_dropout},
                   "seed": cfg.seed, **artifact.environment()}
     artifact.save(out, loaded, plan, metrics, provenance, work)
     return metrics

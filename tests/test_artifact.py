@@ -324,6 +324,21 @@ def tiny_text_setup(tmp_path_factory):
     return hf_dir, data_dir
 
 
+def test_head_dropout_is_set_at_train_and_kept_by_the_artifact(tiny_text_setup, tmp_path):
+    hf_dir, data_dir = tiny_text_setup
+    data = DataOptions("sst2", data_dir=str(data_dir), calib_size=16)
+    cfg = TrainConfig(epochs=0, batch_size=16)
+    run_train(str(hf_dir), data, tmp_path / "default", cfg, max_length=16, quiet=True)
+    run_train(str(hf_dir), data, tmp_path / "low", cfg, max_length=16, quiet=True, head_dropout=0.1)
+    assert artifact.load(tmp_path / "default").model.module.hf.dropout.p == 0.5  # the plan's
+    assert artifact.load(tmp_path / "low").model.module.hf.dropout.p == 0.1  # rebuilt from the saved config
+    with pytest.raises(UserError, match="saved artifact"):
+        run_train(str(tmp_path / "low"), data, tmp_path / "again", cfg, max_length=16, quiet=True, head_dropout=0.2)
+    with pytest.raises(UserError, match=r"--dropout must be in \[0, 1\)"):
+        run_train(str(hf_dir), data, tmp_path / "bad", cfg, max_length=16, quiet=True, head_dropout=1.0)
+    assert not (tmp_path / "again").exists() and not (tmp_path / "bad").exists()
+
+
 def test_text_artifact_round_trip(tiny_text_setup, tmp_path):
     hf_dir, data_dir = tiny_text_setup
     source = tmp_path / "source"

@@ -51,11 +51,28 @@ def test_warmup_holds_the_first_steps_back_and_phases_keep_it(tmp_path):
 
 
 @pytest.mark.parametrize("cfg", [TrainConfig(epochs=2, warmup=2), TrainConfig(warmup=-1), TrainConfig(lr=0),
-                                 TrainConfig(distill=1.0), TrainConfig(temperature=0)],
-                         ids=["warmup-past-epochs", "negative-warmup", "lr-0", "distill-1", "temperature-0"])
+                                 TrainConfig(distill=1.0), TrainConfig(temperature=0), TrainConfig(optimizer="lamb")],
+                         ids=["warmup-past-epochs", "negative-warmup", "lr-0", "distill-1", "temperature-0",
+                              "unknown-optimizer"])
 def test_bad_training_config_is_a_user_error(cfg):
     with pytest.raises(UserError):
         cfg.validate()
+
+
+def test_sgd_is_nesterov_momentum_and_a_checkpoint_resumes_only_with_its_own_optimizer(tmp_path):
+    model, data = _setup()
+    start = copy.deepcopy(model)
+    history = finetune(model, data, TrainConfig(epochs=4, lr=0.1, optimizer="sgd"), tmp_path / "c.ckpt", quiet=True)
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    state = torch.load(tmp_path / "c.ckpt", weights_only=True)
+    assert state["optimizer_name"] == "sgd"
+    assert state["optimizer"]["param_groups"][0]["momentum"] == 0.9
+    assert state["optimizer"]["param_groups"][0]["nesterov"] is True
+    # Adam from the same start takes different steps
+    adam = finetune(start, _setup()[1], TrainConfig(epochs=4, lr=0.1), quiet=True)
+    assert adam[-1]["train_loss"] != pytest.approx(history[-1]["train_loss"])
+    with pytest.raises(UserError, match="--optimizer sgd, not adam"):
+        finetune(_setup()[0], data, TrainConfig(epochs=5, lr=0.1), tmp_path / "c.ckpt", resume=True, quiet=True)
 
 
 def test_before_step_sees_every_step_of_its_span():

@@ -19,6 +19,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Hybrid pruning + adaptive quantization for edge runtimes.")
 console = Console(stderr=True)
 out_console = Console(width=None if sys.stdout.isatty() else 140)
+OPTIMIZER_HELP = "adam (the plan's) | sgd (Nesterov momentum 0.9; give it a larger --lr, e.g. 0.01-0.1)"
 WARMUP_HELP = "epochs of linear learning-rate warmup before the cosine decay (0: none)"
 
 
@@ -46,11 +47,14 @@ def train(
     lr: float = typer.Option(1e-3, "--lr"),
     weight_decay: float = typer.Option(1e-4, "--weight-decay"),
     warmup: float = typer.Option(0.0, "--warmup", help=WARMUP_HELP),
+    optimizer: str = typer.Option("adam", "--optimizer", help=OPTIMIZER_HELP),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="default 64 for images, 32 for text"),
     train_limit: Optional[int] = typer.Option(None, "--train-limit", help="fine-tune on this many examples"),
     eval_limit: Optional[int] = typer.Option(None, "--eval-limit", help="evaluate on this many (default: all)"),
     calib_size: int = typer.Option(512, "--calib-size"),
     max_length: int = typer.Option(64, "--max-length", help="text models: tokens per example"),
+    dropout: Optional[float] = typer.Option(None, "--dropout",
+                                            help="text models: dropout of the classification head (default 0.5)"),
     seed: int = typer.Option(0, "--seed"),
     resume: bool = typer.Option(False, "--resume"),
     as_json: bool = typer.Option(False, "--json"),
@@ -61,9 +65,10 @@ def train(
     from hpqdeploy.pipeline import DataOptions, run_train
     from hpqdeploy.cli.tables import comparison_table
 
-    cfg = TrainConfig(epochs, lr, weight_decay, batch_size or _default_batch(data), seed, warmup=warmup)
+    cfg = TrainConfig(epochs, lr, weight_decay, batch_size or _default_batch(data), seed, warmup=warmup,
+                      optimizer=optimizer)
     opts = DataOptions(data, data_dir, calib_size, train_limit, eval_limit)
-    metrics = run_train(model, opts, output, cfg, weights, max_length, quiet, resume, _command(), scratch)
+    metrics = run_train(model, opts, output, cfg, weights, max_length, quiet, resume, _command(), scratch, dropout)
     _emit(metrics, as_json, comparison_table([metrics], f"baseline → {output}"))
 
 
@@ -86,6 +91,7 @@ def compress(
     lr: float = typer.Option(1e-3, "--lr"),
     weight_decay: float = typer.Option(1e-4, "--weight-decay"),
     warmup: float = typer.Option(0.0, "--warmup", help=WARMUP_HELP),
+    optimizer: str = typer.Option("adam", "--optimizer", help=OPTIMIZER_HELP),
     batch_size: Optional[int] = typer.Option(None, "--batch-size"),
     distill: float = typer.Option(0.9, "--distill", help="weight of distillation from the baseline (0: off)"),
     temperature: float = typer.Option(4.0, "--temperature", help="distillation temperature"),
@@ -107,7 +113,7 @@ def compress(
     data = DataOptions(**{**base_data, **{k: v for k, v in {"data_dir": data_dir, "train_limit": train_limit,
                                                              "eval_limit": eval_limit}.items() if v is not None}})
     cfg = TrainConfig(epochs, lr, weight_decay, batch_size or _default_batch(data.name), seed, distill, temperature,
-                      warmup=warmup)
+                      warmup=warmup, optimizer=optimizer)
     opts = CompressOptions(method, prune_ratio, tuple(bits), low_bit_share, act_bits or None, importance, target,
                            train=cfg, fade=fade,
                            reconstruct=reconstruct)

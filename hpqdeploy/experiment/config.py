@@ -238,7 +238,7 @@ def compress_options(method: str, s: dict, seed: int):
     from hpqdeploy.pipeline import CompressOptions
 
     train = TrainConfig(s["epochs"], s["lr"], s["weight_decay"], s["batch_size"], seed, s["distill"],
-                        s["temperature"])
+                        s["temperature"], optimizer=s["optimizer"])
     return CompressOptions(method, s["prune_ratio"], tuple(s["bits"]), s["low_bit_share"], s["act_bits"] or None,
                            s["importance"], s["target"], s["calib_batches"], train, s["fade"],
                            s["reconstruct"])

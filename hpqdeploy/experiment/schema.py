@@ -69,11 +69,13 @@ _runtimes = _names_in("hpqdeploy.lower.base", "runtime_names")
 EXPERIMENT = {"name": Key("str", check=_nonempty), "out": Key("path"), "seed": Key("int", 0)}
 TRAIN = {"epochs": Key("int", 10, check=_at_least(0)), "lr": Key("float", 1e-3, check=_positive),
          "weight_decay": Key("float", 1e-4, check=_at_least(0)), "batch_size": Key("int", check=_at_least(1)),
+         "optimizer": Key("str", "adam", choices=_names_in("hpqdeploy.finetune", "OPTIMIZERS")),
          "train_limit": Key("int", check=_at_least(1)), "eval_limit": Key("int", check=_at_least(1))}
 BASELINE = {"model": Key("str", check=_nonempty), "weights": Key("path"), "scratch": Key("bool", False),
             "dir": Key("path"), "data": Key("str", choices=_names_in("hpqdeploy.data", "dataset_names")),
             "data_dir": Key("path"), "calib_size": Key("int", 512, check=_at_least(1)),
-            "max_length": Key("int", 64, check=_at_least(1)), **TRAIN}
+            "max_length": Key("int", 64, check=_at_least(1)),
+            "dropout": Key("float", check=_between(0, 1, hi_open=True)), **TRAIN}
 BASELINE_DIR_KEYS = ("dir", "data_dir")  # with `dir` the baseline exists; only where its data lives may change
 METHODS = Key("strs", choices=method_names, check=_nonempty)  # compress.methods
 COMPRESS = {"prune_ratio": Key("float", 0.3, check=_between(0, 1, True, True)),

@@ -134,9 +134,10 @@ def _baseline_step(cfg: ExperimentConfig, quiet: bool, command: str) -> Step:
 
         model = str(local) if local is not None else s["model"]
         data = DataOptions(s["data"], _data_dir(cfg), s["calib_size"], s["train_limit"], s["eval_limit"])
-        train = TrainConfig(s["epochs"], s["lr"], s["weight_decay"], s["batch_size"], cfg.seed)
+        train = TrainConfig(s["epochs"], s["lr"], s["weight_decay"], s["batch_size"], cfg.seed,
+                            optimizer=s["optimizer"])
         return run_train(model, data, out, train, cfg.resolve(s["weights"]), s["max_length"], quiet, resume,
-                         command, s["scratch"])
+                         command, s["scratch"], s["dropout"])
 
     return Step("baseline", "baseline", cfg.out / "baseline", {**s, "seed": cfg.seed, **inputs}, (), action)
 

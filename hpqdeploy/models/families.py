@@ -46,10 +46,11 @@ def _torchvision(name: str, num_classes: int, input_shape=None, weights: Path | 
 @register_family("hf_text", ["minilm", *hf_text.HUB_NAMES])
 def _hf_text(name: str, num_classes: int, weights: Path | None = None, pretrained: bool = True,
              max_length: int = 64, config: dict | None = None, tokenizer_dir: str | None = None,
-             input_shape=None, **_) -> LoadedModel:
+             input_shape=None, head_dropout: float = hf_text.HEAD_DROPOUT, **_) -> LoadedModel:
     if weights is not None:
         raise UserError("--weights is for image models; pass a Hugging Face model directory as the model instead")
-    model, tokenizer = hf_text.build(name, num_classes, pretrained, config=config, tokenizer_dir=tokenizer_dir)
+    model, tokenizer = hf_text.build(name, num_classes, pretrained, config=config, tokenizer_dir=tokenizer_dir,
+                                     classifier_dropout=head_dropout)
     spec = ModelSpec("hf_text", name, {"num_classes": num_classes, "max_length": max_length,
                                        "config": model.hf.config.to_dict()})
     example = tokenizer(["an example sentence"], padding="max_length", max_length=max_length, truncation=True,

@@ -43,8 +43,11 @@ def resolve_source(name: str) -> str:
     return name
 
 
+HEAD_DROPOUT = 0.5  # the plan's dropout in text classification heads
+
+
 def build(name: str, num_classes: int, pretrained: bool, config: dict | None = None,
-          tokenizer_dir: str | None = None, classifier_dropout: float = 0.5) -> tuple[nn.Module, Any]:
+          tokenizer_dir: str | None = None, classifier_dropout: float = HEAD_DROPOUT) -> tuple[nn.Module, Any]:
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 

@@ -95,14 +95,23 @@ def _family_of(name: str) -> str:
 
 
 def load_model(name: str, *, num_classes: int, input_shape: tuple[int, ...] | None = None,
-               weights: Path | None = None, max_length: int = 64, pretrained: bool = True) -> LoadedModel:
-    """Build `name` for a task with `num_classes` classes, loading pretrained weights unless `pretrained=False`."""
+               weights: Path | None = None, max_length: int = 64, pretrained: bool = True,
+               head_dropout: float | None = None) -> LoadedModel:
+    """Build `name` for a task with `num_classes` classes, loading pretrained weights unless `pretrained=False`;
+    `head_dropout` overrides a text model's classification-head dropout (the plan's 0.5 otherwise)."""
     _import_families()
     family = _family_of(name)
     if weights is not None and not Path(weights).is_file():
         raise UserError(f"weights file not found: {weights}")
+    extra = {}
+    if head_dropout is not None:
+        if family != "hf_text":
+            raise UserError(f"--dropout sets a text model's classification-head dropout; {name} is not a text model")
+        if not 0.0 <= head_dropout < 1.0:
+            raise UserError(f"--dropout must be in [0, 1), got {head_dropout:g}")
+        extra["head_dropout"] = head_dropout
     return _BUILDERS[family](name=name, num_classes=num_classes, input_shape=input_shape, weights=weights,
-                             max_length=max_length, pretrained=pretrained)
+                             max_length=max_length, pretrained=pretrained, **extra)
 
 
 def read_state_dict(path: Path) -> dict:
