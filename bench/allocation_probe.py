@@ -4,11 +4,13 @@
 the same `compress` pipeline with some groups' kept counts overridden, so an allocation the allocator did not pick
 can be measured with the same data, fine-tuning and evaluation as the acceptance table; `--seed` repeats a run
 with another fine-tuning seed, `--attention` adds attention transfer to the distillation, `--warmup`,
-`--reconstruct` and `--importance` pass compress's options of those names. It is an experiment, not a product
-feature; its results go to bench/results/allocation_probe.{json,md} beside the command that made them.
+`--optimizer`, `--lr`, `--reconstruct` and `--importance` pass compress's options of those names. It is an
+experiment, not a product feature; its results go to bench/results/allocation_probe.{json,md} beside the command
+that made them.
 
     python bench/allocation_probe.py BASELINE_DIR -o DIR --name NAME [--keep layer1.1.conv1=16 ...] [--method prune]
-        [--seed N] [--attention 1000] [--warmup EPOCHS] [--reconstruct] [--importance magnitude]
+        [--seed N] [--attention 1000] [--warmup EPOCHS] [--optimizer sgd --lr 0.01] [--reconstruct]
+        [--importance magnitude]
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 from compress_bench import RESNET_EPOCHS  # the epochs of the `resnet20` table
 from hpqdeploy import prune
 from hpqdeploy.errors import UserError
+from hpqdeploy.finetune import OPTIMIZERS, TrainConfig
 from hpqdeploy.importance import CRITERIA
 from hpqdeploy.pipeline import CompressOptions, run_compress
 
@@ -77,6 +80,8 @@ def _recipe_text(recipe: dict) -> str:
         parts.append(f"attention {recipe['attention']:g} at {'/'.join(recipe['attention_layers'])}")
     if recipe.get("warmup"):
         parts.append(f"warmup {recipe['warmup']:g} epoch")
+    if recipe.get("optimizer"):
+        parts.append(f"{recipe['optimizer']} lr {recipe['lr']:g}")
     if recipe.get("reconstruct"):
         parts.append("reconstruct")
     if recipe.get("importance"):
@@ -124,6 +129,8 @@ def main() -> None:
                     help="weight of attention transfer from the baseline (1000 in Zagoruyko & Komodakis)")
     ap.add_argument("--attention-layers", nargs="+", default=["layer1", "layer2", "layer3"])
     ap.add_argument("--warmup", type=float, default=0.0, help="epochs of learning-rate warmup (compress's --warmup)")
+    ap.add_argument("--optimizer", default=TrainConfig.optimizer, choices=OPTIMIZERS, help="compress's --optimizer")
+    ap.add_argument("--lr", type=float, default=TrainConfig.lr, help="compress's --lr")
     ap.add_argument("--reconstruct", action="store_true", help="compress's --reconstruct")
     ap.add_argument("--importance", default=CompressOptions.importance, choices=CRITERIA,
                     help="compress's --importance")
@@ -146,6 +153,8 @@ def main() -> None:
         recipe.update(attention=args.attention, attention_layers=tuple(args.attention_layers))
     if args.warmup > 0:
         recipe["warmup"] = args.warmup
+    if (args.optimizer, args.lr) != (TrainConfig.optimizer, TrainConfig.lr):
+        recipe.update(optimizer=args.optimizer, lr=args.lr)
     opts.train = replace(opts.train, epochs=args.epochs, **recipe)  # the rest is compress's default
     if args.reconstruct:
         recipe["reconstruct"] = True
