@@ -102,9 +102,9 @@ def _describe(loaded: LoadedModel, accuracy: dict) -> dict:
 
 
 def _warn_lr(loaded: LoadedModel, cfg: TrainConfig) -> None:
-    if loaded.modality == "text" and cfg.epochs > 0 and cfg.lr > 1e-4:
-        warnings.warn(f"lr {cfg.lr:g} is high for fine-tuning a pretrained transformer (usual: 2e-5 to 1e-4)",
-                      stacklevel=2)
+    if loaded.modality == "text" and cfg.epochs > 0 and cfg.optimizer == "adam" and cfg.lr > 1e-4:
+        warnings.warn(f"lr {cfg.lr:g} is high for fine-tuning a pretrained transformer with Adam (usual: 2e-5 to "
+                      "1e-4)", stacklevel=2)
 
 
 @torch.no_grad()

@@ -1,6 +1,7 @@
 """The fine-tuning loop: one cosine schedule across phases, the per-step hook, the distillation loss."""
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -152,3 +153,18 @@ def test_finetune_flushes_subnormals(tmp_path):
     assert not ((moment != 0) & (moment.abs() < tiny)).any()
     assert (moment == 0).all()  # 0.9**900 of the first step's moment is far below the smallest normal float
     assert flushed_share() == 0.0  # afterwards every thread computes subnormals again, as before the call
+
+
+def test_the_transformer_lr_warning_is_about_adam():
+    import warnings
+
+    from hpqdeploy.pipeline import _warn_lr
+
+    text = SimpleNamespace(modality="text")
+    with pytest.warns(UserWarning, match="with Adam"):
+        _warn_lr(text, TrainConfig(lr=1e-3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_lr(text, TrainConfig(lr=1e-3, optimizer="sgd"))  # SGD's usual learning rates are larger
+        _warn_lr(text, TrainConfig(lr=5e-5))
+        _warn_lr(SimpleNamespace(modality="image"), TrainConfig(lr=1e-3))
