@@ -8,7 +8,7 @@ then writes bench/results/compress.json and the table in BENCHMARKS.md. Usage:
 `resnet20-fade` (gradual removal of the pruned channels), `resnet20-no-kd` (no distillation) and
 `resnet20-reconstruct` (least-squares re-fit after the cut) are ablations, and `resnet20-ratio-0.25` and
 `resnet20-ratio-0.2` (the hybrid pruning less) points of the accuracy/size trade-off, that compress `resnet20`'s
-baseline.
+baseline. `resnet20-sgd` is `resnet20` with SGD in place of Adam, its baseline trained with SGD too.
 ResNet results are kept per epoch budget: at the plan's default (10 epochs) under the experiment's name, at any other
 budget N under `NAME-eN` (e.g. `resnet20-e6`), so a shorter run never replaces the default's table. `--only` takes
 the experiment's name; `--resnet-epochs` picks the budget.
@@ -86,11 +86,21 @@ def resnet_ratio_spec(epochs: int, ratio: float) -> dict:
                                          "channels removed at once")}
 
 
+def resnet_sgd_spec(epochs: int, lr: float = 0.01) -> dict:
+    """The `resnet20` experiment with SGD (Nesterov, momentum 0.9) in place of Adam, for the baseline and every
+    method alike, so the baseline stays a matched control; its own baseline, not `resnet20`'s."""
+    spec, recipe = resnet_spec(epochs), ["--optimizer", "sgd", "--lr", str(lr)]
+    return {"train": [*spec["train"], *recipe], "compress": [*spec["compress"], *recipe],
+            "note": spec["note"].replace("Adam lr 1e-3", f"SGD lr {lr} (Nesterov momentum 0.9; `--optimizer sgd "
+                                                         f"--lr {lr}`, the plan's default is Adam lr 1e-3)")}
+
+
 def resnet_experiments(epochs: int) -> dict:
     """The ResNet experiments at one epoch budget, keyed `NAME` at the default budget and `NAME-eN` otherwise;
     `dir` is where their runs live under --runs (the same at every budget: one --runs directory per budget)."""
     specs = {"resnet20": resnet_spec(epochs), "resnet20-fade": resnet_fade_spec(epochs),
-             "resnet20-no-kd": resnet_no_kd_spec(epochs), "resnet20-reconstruct": resnet_reconstruct_spec(epochs),
+             "resnet20-sgd": resnet_sgd_spec(epochs), "resnet20-no-kd": resnet_no_kd_spec(epochs),
+             "resnet20-reconstruct": resnet_reconstruct_spec(epochs),
              **{f"resnet20-ratio-{r}": resnet_ratio_spec(epochs, r) for r in (0.25, 0.2)}}
     return {experiment_key(name, epochs): {**spec, "dir": name} for name, spec in specs.items()}
 
