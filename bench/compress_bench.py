@@ -143,7 +143,10 @@ def experiment(name: str, runs: Path, pool: ThreadPoolExecutor, resume: bool = F
         if "baseline_of" in spec:
             raise SystemExit(f"{name} compresses the {spec['baseline_of']} baseline: run --only {spec['baseline_of']} "
                              "first")
-        pool.submit(run, [*spec["train"], "-o", str(base)], runs / "logs" / f"{name}-baseline.log").result()
+        args = [*spec["train"], "-o", str(base)]
+        if resume and base.with_name(base.name + ".partial").exists():
+            args.append("--resume")
+        pool.submit(run, args, runs / "logs" / f"{name}-baseline.log").result()
     futures = []
     for method in spec.get("methods", METHODS):
         out = runs / name / method
@@ -235,7 +238,8 @@ def main() -> None:
     ap.add_argument("--collect-only", action="store_true")
     ap.add_argument("--resnet-epochs", type=int, default=RESNET_EPOCHS)
     ap.add_argument("--parallel", type=int, default=2, help="CLI processes at a time (one thread each)")
-    ap.add_argument("--resume", action="store_true", help="continue interrupted compress steps from their checkpoints")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue interrupted train and compress steps from their checkpoints")
     args = ap.parse_args()
     args.runs = args.runs.resolve()  # the CLI steps run in the repository root
     budget = resnet_experiments(args.resnet_epochs)
