@@ -378,6 +378,11 @@ BAD = [  # (replacements in CONFIG, what the one-line error must say)
     ([("[baseline]\n", '[baseline]\ndir = "elsewhere"\n')], "cannot be combined with baseline.dir"),
     ([("[export]", "[report]\nhtml = 1\n\n[export]")], "report.html must be true or false, got 1"),
     ([('name = "tiny"', 'name = "tiny"\nname = "again"')], "not valid TOML"),
+    ([("calib_size = 64", "calib_size = 64\nwarmup = 1")], "baseline: --warmup must be in [0, --epochs), got 1"),
+    ([("[export]", "[compress.hybrid]\nwarmup = 2\n\n[export]")],
+     "compress.hybrid: --warmup must be in [0, --epochs), got 2"),
+    ([("calib_batches = 1\n\n[export]", "calib_batches = 1\nwarmup = -0.5\n\n[export]")],
+     "compress.warmup must be >= 0"),
 ]
 
 
@@ -409,6 +414,19 @@ def test_good_config_loads_with_defaults_filled_in(tmp_path):
     assert cfg.compress["quant"]["low_bit_share"] == 0.75 and cfg.compress["hybrid"]["low_bit_share"] == 0.5
     assert cfg.compress["prune"]["distill"] == 0.9 and cfg.export["mixed"] == "split"
     assert cfg.profile["targets"] is None and cfg.report == {"html": False}
+
+
+def test_training_settings_reach_the_stages(tmp_path):
+    """warmup and optimizer given in the TOML are what train and compress run with, per method where overridden."""
+    (tmp_path / "exp.toml").write_text(CONFIG.replace("epochs = 1", "epochs = 2").replace(
+        "calib_size = 64", 'calib_size = 64\nwarmup = 0.5\noptimizer = "sgd"').replace(
+        "[export]", "[compress.prune]\nwarmup = 1.5\n\n[export]"))
+    cfg = load_config(tmp_path / "exp.toml")
+    base = experiment_config.train_config(cfg.baseline, cfg.seed)
+    assert (base.warmup, base.optimizer, base.epochs) == (0.5, "sgd", 2)
+    prune = experiment_config.compress_options("prune", cfg.compress["prune"], cfg.seed).train
+    hybrid = experiment_config.compress_options("hybrid", cfg.compress["hybrid"], cfg.seed).train
+    assert (prune.warmup, prune.optimizer, hybrid.warmup, hybrid.optimizer) == (1.5, "adam", 0.0, "adam")
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).parents[1] / "experiments").glob("*.toml")))

@@ -165,6 +165,10 @@ def _baseline(c: _Checker, table, root: Path) -> tuple[dict, str]:
         if settings["weights"] is not None and not (weights := _resolve(root, settings["weights"])).is_file():
             raise c.fail(f"baseline.weights: file {weights} not found")
         _check_model(c, settings["model"], root)
+        try:
+            train_config(settings, seed=0).validate()
+        except UserError as exc:  # the stage's own checks (warmup against epochs), named by key here
+            raise c.fail(f"baseline: {exc}") from None
     if settings["data_dir"] is not None and not (data_dir := _resolve(root, settings["data_dir"])).exists():
         raise c.fail(f"baseline.data_dir: {data_dir} does not exist")
     return settings, data
@@ -232,13 +236,21 @@ def _check_model(c: _Checker, name: str, root: Path) -> None:
         raise c.fail(f"baseline.model: {exc}") from None
 
 
+def train_config(s: dict, seed: int):
+    """The `TrainConfig` the baseline's settings stand for."""
+    from hpqdeploy.finetune import TrainConfig
+
+    return TrainConfig(s["epochs"], s["lr"], s["weight_decay"], s["batch_size"], seed, warmup=s["warmup"],
+                       optimizer=s["optimizer"])
+
+
 def compress_options(method: str, s: dict, seed: int):
     """The `CompressOptions` one method's settings stand for."""
     from hpqdeploy.finetune import TrainConfig
     from hpqdeploy.pipeline import CompressOptions
 
     train = TrainConfig(s["epochs"], s["lr"], s["weight_decay"], s["batch_size"], seed, s["distill"],
-                        s["temperature"], optimizer=s["optimizer"])
+                        s["temperature"], warmup=s["warmup"], optimizer=s["optimizer"])
     return CompressOptions(method, s["prune_ratio"], tuple(s["bits"]), s["low_bit_share"], s["act_bits"] or None,
                            s["importance"], s["target"], s["calib_batches"], train, s["fade"],
                            s["reconstruct"])

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from hpqdeploy.errors import MissingExtra, UserError
-from hpqdeploy.experiment.config import ExperimentConfig, compress_options, local_model
+from hpqdeploy.experiment.config import ExperimentConfig, compress_options, local_model, train_config
 
 MARKERS = {"baseline": "metrics.json", "compress": "metrics.json", "export": "export.json",
            "profile": "profile.json", "report": "report.json"}  # the file a finished output of each kind holds
@@ -129,14 +129,11 @@ def _baseline_step(cfg: ExperimentConfig, quiet: bool, command: str) -> Step:
         inputs["model_files"] = dir_fingerprint(local)
 
     def action(out: Path, resume: bool):
-        from hpqdeploy.finetune import TrainConfig
         from hpqdeploy.pipeline import DataOptions, run_train
 
         model = str(local) if local is not None else s["model"]
         data = DataOptions(s["data"], _data_dir(cfg), s["calib_size"], s["train_limit"], s["eval_limit"])
-        train = TrainConfig(s["epochs"], s["lr"], s["weight_decay"], s["batch_size"], cfg.seed,
-                            optimizer=s["optimizer"])
-        return run_train(model, data, out, train, cfg.resolve(s["weights"]), s["max_length"], quiet, resume,
+        return run_train(model, data, out, train_config(s, cfg.seed), cfg.resolve(s["weights"]), s["max_length"], quiet, resume,
                          command, s["scratch"], s["dropout"])
 
     return Step("baseline", "baseline", cfg.out / "baseline", {**s, "seed": cfg.seed, **inputs}, (), action)
