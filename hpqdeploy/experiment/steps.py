@@ -133,8 +133,8 @@ def _baseline_step(cfg: ExperimentConfig, quiet: bool, command: str) -> Step:
 
         model = str(local) if local is not None else s["model"]
         data = DataOptions(s["data"], _data_dir(cfg), s["calib_size"], s["train_limit"], s["eval_limit"])
-        return run_train(model, data, out, train_config(s, cfg.seed), cfg.resolve(s["weights"]), s["max_length"], quiet, resume,
-                         command, s["scratch"], s["dropout"])
+        return run_train(model, data, out, train_config(s, cfg.seed), cfg.resolve(s["weights"]), s["max_length"],
+                         quiet, resume, command, s["scratch"], s["dropout"])
 
     return Step("baseline", "baseline", cfg.out / "baseline", {**s, "seed": cfg.seed, **inputs}, (), action)
 
