@@ -4,7 +4,7 @@
 the same `compress` pipeline with some groups' kept counts overridden, so an allocation the allocator did not pick
 can be measured with the same data, fine-tuning and evaluation as the acceptance table; `--seed` repeats a run
 with another fine-tuning seed, `--attention` adds attention transfer to the distillation, `--warmup`,
-`--optimizer`, `--lr`, `--reconstruct` and `--importance` pass compress's options of those names. It is an
+`--mixup`, `--optimizer`, `--lr`, `--reconstruct` and `--importance` pass compress's options of those names. It is an
 experiment, not a product feature; its results go to bench/results/allocation_probe.{json,md} beside the command
 that made them.
 
@@ -80,6 +80,8 @@ def _recipe_text(recipe: dict) -> str:
         parts.append(f"attention {recipe['attention']:g} at {'/'.join(recipe['attention_layers'])}")
     if recipe.get("warmup"):
         parts.append(f"warmup {recipe['warmup']:g} epoch")
+    if recipe.get("mixup"):
+        parts.append(f"mixup {recipe['mixup']:g}")
     if recipe.get("optimizer"):
         parts.append(f"{recipe['optimizer']} lr {recipe['lr']:g}")
     if recipe.get("reconstruct"):
@@ -132,6 +134,7 @@ def main() -> None:
     ap.add_argument("--optimizer", default=TrainConfig.optimizer, choices=OPTIMIZERS, help="compress's --optimizer")
     ap.add_argument("--lr", type=float, default=TrainConfig.lr, help="compress's --lr")
     ap.add_argument("--reconstruct", action="store_true", help="compress's --reconstruct")
+    ap.add_argument("--mixup", type=float, default=0.0, help="compress's --mixup (Beta alpha; 0: off)")
     ap.add_argument("--importance", default=CompressOptions.importance, choices=CRITERIA,
                     help="compress's --importance")
     ap.add_argument("--resume", action="store_true")
@@ -153,6 +156,8 @@ def main() -> None:
         recipe.update(attention=args.attention, attention_layers=tuple(args.attention_layers))
     if args.warmup > 0:
         recipe["warmup"] = args.warmup
+    if args.mixup > 0:
+        recipe["mixup"] = args.mixup
     if (args.optimizer, args.lr) != (TrainConfig.optimizer, TrainConfig.lr):
         recipe.update(optimizer=args.optimizer, lr=args.lr)
     opts.train = replace(opts.train, epochs=args.epochs, **recipe)  # the rest is compress's default

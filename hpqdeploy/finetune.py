@@ -34,6 +34,7 @@ class TrainConfig:
     attention_layers: tuple[str, ...] = ()
     warmup: float = 0.0  # epochs of linear learning-rate warmup before the cosine decay (0: none)
     optimizer: str = "adam"  # one of OPTIMIZERS; the plan's Adam by default
+    mixup: float = 0.0  # alpha of mixup's Beta(alpha, alpha) mixing weight (0: off); images only
 
     def validate(self) -> None:
         if self.epochs < 0 or self.lr <= 0 or self.batch_size <= 0:
@@ -42,6 +43,8 @@ class TrainConfig:
             raise UserError(f"--warmup must be in [0, --epochs), got {self.warmup:g}")
         if not 0.0 <= self.distill < 1.0 or self.temperature <= 0:
             raise UserError("--distill must be in [0, 1) and --temperature > 0")
+        if self.mixup < 0:
+            raise UserError(f"--mixup must be >= 0 (the Beta distribution's alpha; 0: off), got {self.mixup:g}")
         if self.optimizer not in OPTIMIZERS:
             raise UserError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
 
@@ -91,10 +94,34 @@ def evaluate(model: nn.Module, data: DataLoader, quiet: bool = True) -> dict:
     return {"accuracy": correct / max(total, 1), "loss": loss / max(total, 1), "examples": total}
 
 
+@dataclass
+class Mix:
+    """One mixup draw: the batch was blended as `weight * x + (1 - weight) * x[partner]`."""
+    weight: float
+    partner: torch.Tensor
+
+
+def mixup(inputs, cfg: TrainConfig) -> tuple[torch.Tensor, Mix | None]:
+    """Blend each image with another of the batch (Zhang et al., 2018) when `cfg.mixup` > 0.
+
+    With distillation the teacher sees the same blend, so the student learns the teacher's function between the
+    training images too ("function matching", Beyer et al., 2022), not only at them."""
+    if cfg.mixup <= 0:
+        return inputs, None
+    if not isinstance(inputs, torch.Tensor) or not inputs.is_floating_point():
+        raise UserError("--mixup blends images; this model's inputs are not float tensors (text: leave it at 0)")
+    weight = float(torch.distributions.Beta(cfg.mixup, cfg.mixup).sample())
+    partner = torch.randperm(inputs.shape[0])
+    return weight * inputs + (1 - weight) * inputs[partner], Mix(weight, partner)
+
+
 def training_loss(logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None,
-                  cfg: TrainConfig) -> torch.Tensor:
-    """Cross-entropy, mixed with Hinton distillation from the uncompressed model when `cfg.distill` > 0."""
+                  cfg: TrainConfig, mix: Mix | None = None) -> torch.Tensor:
+    """Cross-entropy (on both labels of a mixup blend, by their weights), mixed with Hinton distillation from the
+    uncompressed model when `cfg.distill` > 0."""
     ce = F.cross_entropy(logits, labels)
+    if mix is not None:
+        ce = mix.weight * ce + (1 - mix.weight) * F.cross_entropy(logits, labels[mix.partner])
     if teacher_logits is None or cfg.distill <= 0:
         return ce
     t = cfg.temperature
@@ -188,11 +215,12 @@ def finetune(model: nn.Module, data: DataLoader, cfg: TrainConfig, checkpoint: P
             for i, (inputs, labels) in enumerate(data):
                 if before_step is not None:
                     before_step((epoch - span.start) * len(data) + i, len(span) * len(data))
+                inputs, mix = mixup(inputs, cfg)
                 teacher_logits = None
                 if teacher is not None and cfg.distill > 0:
                     with torch.no_grad():
                         teacher_logits = forward(teacher, inputs)
-                loss = training_loss(forward(model, inputs), labels, teacher_logits, cfg)
+                loss = training_loss(forward(model, inputs), labels, teacher_logits, cfg, mix)
                 if taps is not None:
                     loss = loss + cfg.attention * attention_loss(taps[0].outputs, taps[1].outputs)
                 opt.zero_grad(set_to_none=True)

@@ -101,7 +101,10 @@ def _describe(loaded: LoadedModel, accuracy: dict) -> dict:
             "bytes": weight_bytes(loaded.module)}
 
 
-def _warn_lr(loaded: LoadedModel, cfg: TrainConfig) -> None:
+def _check_recipe(loaded: LoadedModel, cfg: TrainConfig) -> None:
+    """The training settings this model cannot use fail here, before anything is written; doubtful ones warn."""
+    if cfg.mixup > 0 and loaded.modality != "image":
+        raise UserError(f"--mixup blends images; {loaded.spec.name} is a {loaded.modality} model (leave it at 0)")
     if loaded.modality == "text" and cfg.epochs > 0 and cfg.optimizer == "adam" and cfg.lr > 1e-4:
         warnings.warn(f"lr {cfg.lr:g} is high for fine-tuning a pretrained transformer with Adam (usual: 2e-5 to "
                       "1e-4)", stacklevel=2)
@@ -137,7 +140,7 @@ def run_train(model_name: str, data: DataOptions, out: Path, cfg: TrainConfig, w
     else:
         loaded = load_model(model_name, num_classes=info.num_classes, input_shape=info.input_shape,
                             weights=weights, max_length=max_length, pretrained=not scratch, head_dropout=head_dropout)
-    _warn_lr(loaded, cfg)
+    _check_recipe(loaded, cfg)
     _check_compatible(loaded, splits)
     torch.manual_seed(cfg.seed)
     train, evaluation, _ = _data_loaders(loaded, splits, cfg, 0)
@@ -198,7 +201,7 @@ def run_compress(baseline_dir: Path, out: Path, opts: CompressOptions, data: Dat
     splits = load_data(data.name, data.request(cfg.seed))
     loaded = base.model
     model = loaded.module
-    _warn_lr(loaded, cfg)
+    _check_recipe(loaded, cfg)
     train, evaluation, calib = _data_loaders(loaded, splits, cfg, opts.calib_batches)
     work = artifact.partial_dir(out)
     if work.exists() and not resume:

@@ -82,6 +82,7 @@ MORE_BAD_INPUTS = {
     "distill 1.5": (["compress", "{baseline}", "-o", "out", "--distill", "1.5"], "--distill"),
     "warmup past the epochs": (["compress", "{baseline}", "-o", "out", "--warmup", "10"], "--warmup"),
     "negative warmup": (_train("--warmup", "-1"), "--warmup"),
+    "negative mixup": (["compress", "{baseline}", "-o", "out", "--mixup", "-1"], "--mixup"),
     "unknown optimizer": (["compress", "{baseline}", "-o", "out", "--optimizer", "lamb"], "--optimizer"),
     "dropout on an image model": (_train("--dropout", "0.1"), "not a text model"),
     "hybrid with bits 9": (["compress", "{baseline}", "-o", "out", "--bits", "9", "--epochs", "0"], "--bits"),

@@ -417,16 +417,19 @@ def test_good_config_loads_with_defaults_filled_in(tmp_path):
 
 
 def test_training_settings_reach_the_stages(tmp_path):
-    """warmup and optimizer given in the TOML are what train and compress run with, per method where overridden."""
+    """warmup, optimizer and mixup given in the TOML are what train and compress run with, per method where
+    overridden."""
     (tmp_path / "exp.toml").write_text(CONFIG.replace("epochs = 1", "epochs = 2").replace(
-        "calib_size = 64", 'calib_size = 64\nwarmup = 0.5\noptimizer = "sgd"').replace(
-        "[export]", "[compress.prune]\nwarmup = 1.5\n\n[export]"))
+        "calib_size = 64", 'calib_size = 64\nwarmup = 0.5\noptimizer = "sgd"\nmixup = 0.4').replace(
+        "[export]", "[compress.prune]\nwarmup = 1.5\nmixup = 1.0\ndistill = 0.5\n\n[export]"))
     cfg = load_config(tmp_path / "exp.toml")
     base = experiment_config.train_config(cfg.baseline, cfg.seed)
-    assert (base.warmup, base.optimizer, base.epochs) == (0.5, "sgd", 2)
+    assert (base.warmup, base.optimizer, base.epochs, base.mixup, base.distill) == (0.5, "sgd", 2, 0.4, 0.0)
     prune = experiment_config.compress_options("prune", cfg.compress["prune"], cfg.seed).train
     hybrid = experiment_config.compress_options("hybrid", cfg.compress["hybrid"], cfg.seed).train
     assert (prune.warmup, prune.optimizer, hybrid.warmup, hybrid.optimizer) == (1.5, "adam", 0.0, "adam")
+    assert (prune.mixup, prune.distill, hybrid.mixup, hybrid.distill) == (1.0, 0.5, 0.0, 0.9)
+    assert (prune.temperature, prune.epochs, prune.seed) == (4.0, 2, cfg.seed)
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).parents[1] / "experiments").glob("*.toml")))

@@ -11,8 +11,8 @@ from torch.utils.data import TensorDataset, default_collate
 
 from hpqdeploy.denormals import flushed_share, set_flush
 from hpqdeploy.errors import UserError
-from hpqdeploy.finetune import (FeatureTap, TrainConfig, attention_loss, attention_map, finetune, loader, lr_factor,
-                                training_loss)
+from hpqdeploy.finetune import (FeatureTap, Mix, TrainConfig, attention_loss, attention_map, finetune, loader,
+                                lr_factor, mixup, training_loss)
 
 
 def _setup(seed: int = 0):
@@ -52,9 +52,10 @@ def test_warmup_holds_the_first_steps_back_and_phases_keep_it(tmp_path):
 
 
 @pytest.mark.parametrize("cfg", [TrainConfig(epochs=2, warmup=2), TrainConfig(warmup=-1), TrainConfig(lr=0),
-                                 TrainConfig(distill=1.0), TrainConfig(temperature=0), TrainConfig(optimizer="lamb")],
+                                 TrainConfig(distill=1.0), TrainConfig(temperature=0), TrainConfig(optimizer="lamb"),
+                                 TrainConfig(mixup=-1)],
                          ids=["warmup-past-epochs", "negative-warmup", "lr-0", "distill-1", "temperature-0",
-                              "unknown-optimizer"])
+                              "unknown-optimizer", "negative-mixup"])
 def test_bad_training_config_is_a_user_error(cfg):
     with pytest.raises(UserError):
         cfg.validate()
@@ -91,6 +92,43 @@ def test_distillation_mixes_cross_entropy_and_teacher_agreement():
     # a teacher that agrees exactly adds nothing beyond the weighted cross-entropy
     assert training_loss(logits, labels, logits, TrainConfig(distill=0.9)).item() == pytest.approx(0.1 * ce.item())
     assert training_loss(logits, labels, -logits, TrainConfig(distill=0.9)).item() > ce.item()
+
+
+def test_mixup_blends_pairs_of_images_and_weighs_both_labels():
+    images, labels = torch.randn(8, 3, 4, 4), torch.arange(8) % 3
+    assert mixup(images, TrainConfig())[0] is images  # off by default: the batch is untouched
+    torch.manual_seed(0)
+    blended, mix = mixup(images, TrainConfig(mixup=1.0))
+    assert 0 < mix.weight < 1 and sorted(mix.partner.tolist()) == list(range(8))
+    assert torch.allclose(blended, mix.weight * images + (1 - mix.weight) * images[mix.partner])
+    logits = torch.randn(8, 3)
+    expected = 0.3 * F.cross_entropy(logits, labels) + 0.7 * F.cross_entropy(logits, labels[mix.partner])
+    assert training_loss(logits, labels, None, TrainConfig(), Mix(0.3, mix.partner)) == pytest.approx(expected.item())
+    with pytest.raises(UserError, match="--mixup blends images"):
+        mixup({"input_ids": torch.ones(2, 5, dtype=torch.long)}, TrainConfig(mixup=1.0))
+
+
+def test_mixup_shows_the_teacher_the_students_blend():
+    """Distillation under mixup compares teacher and student on the same blended batch."""
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(16, 4), torch.randint(0, 3, (16,)))
+    seen = {"student": [], "teacher": []}
+
+    class Recorder(nn.Linear):
+        def __init__(self, role):
+            super().__init__(4, 3)
+            self.role = role
+
+        def forward(self, x):
+            seen[self.role].append(x.clone())
+            return super().forward(x)
+
+    student, teacher = Recorder("student"), Recorder("teacher")
+    finetune(student, loader(data, default_collate, 8, shuffle=False), TrainConfig(epochs=1, mixup=1.0, distill=0.5),
+             quiet=True, teacher=teacher)
+    assert len(seen["student"]) == 2
+    for s, t, clean in zip(seen["student"], seen["teacher"], data.tensors[0].split(8)):
+        assert torch.equal(s, t) and not torch.allclose(s, clean)
 
 
 def test_attention_map_ignores_channel_count_so_a_pruned_student_can_match():
@@ -158,13 +196,21 @@ def test_finetune_flushes_subnormals(tmp_path):
 def test_the_transformer_lr_warning_is_about_adam():
     import warnings
 
-    from hpqdeploy.pipeline import _warn_lr
+    from hpqdeploy.pipeline import _check_recipe
 
-    text = SimpleNamespace(modality="text")
+    text = SimpleNamespace(modality="text", spec=SimpleNamespace(name="minilm"))
     with pytest.warns(UserWarning, match="with Adam"):
-        _warn_lr(text, TrainConfig(lr=1e-3))
+        _check_recipe(text, TrainConfig(lr=1e-3))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        _warn_lr(text, TrainConfig(lr=1e-3, optimizer="sgd"))  # SGD's usual learning rates are larger
-        _warn_lr(text, TrainConfig(lr=5e-5))
-        _warn_lr(SimpleNamespace(modality="image"), TrainConfig(lr=1e-3))
+        _check_recipe(text, TrainConfig(lr=1e-3, optimizer="sgd"))  # SGD's usual learning rates are larger
+        _check_recipe(text, TrainConfig(lr=5e-5))
+        _check_recipe(SimpleNamespace(modality="image"), TrainConfig(lr=1e-3))
+
+
+def test_mixup_on_a_text_model_is_refused_before_training():
+    from hpqdeploy.pipeline import _check_recipe
+
+    with pytest.raises(UserError, match="minilm is a text model"):
+        _check_recipe(SimpleNamespace(modality="text", spec=SimpleNamespace(name="minilm")), TrainConfig(mixup=1.0))
+    _check_recipe(SimpleNamespace(modality="image"), TrainConfig(mixup=1.0))

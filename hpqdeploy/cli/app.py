@@ -21,6 +21,7 @@ console = Console(stderr=True)
 out_console = Console(width=None if sys.stdout.isatty() else 140)
 OPTIMIZER_HELP = "adam (the plan's) | sgd (Nesterov momentum 0.9; give it a larger --lr, e.g. 0.01-0.1)"
 WARMUP_HELP = "epochs of linear learning-rate warmup before the cosine decay (0: none)"
+MIXUP_HELP = "image models: blend training images in pairs, weight ~ Beta(alpha, alpha) (0: off; e.g. 1)"
 
 
 def _command() -> str:
@@ -48,6 +49,7 @@ def train(
     weight_decay: float = typer.Option(1e-4, "--weight-decay"),
     warmup: float = typer.Option(0.0, "--warmup", help=WARMUP_HELP),
     optimizer: str = typer.Option("adam", "--optimizer", help=OPTIMIZER_HELP),
+    mixup: float = typer.Option(0.0, "--mixup", help=MIXUP_HELP),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="default 64 for images, 32 for text"),
     train_limit: Optional[int] = typer.Option(None, "--train-limit", help="fine-tune on this many examples"),
     eval_limit: Optional[int] = typer.Option(None, "--eval-limit", help="evaluate on this many (default: all)"),
@@ -66,7 +68,7 @@ def train(
     from hpqdeploy.cli.tables import comparison_table
 
     cfg = TrainConfig(epochs, lr, weight_decay, batch_size or _default_batch(data), seed, warmup=warmup,
-                      optimizer=optimizer)
+                      optimizer=optimizer, mixup=mixup)
     opts = DataOptions(data, data_dir, calib_size, train_limit, eval_limit)
     metrics = run_train(model, opts, output, cfg, weights, max_length, quiet, resume, _command(), scratch, dropout)
     _emit(metrics, as_json, comparison_table([metrics], f"baseline → {output}"))
@@ -92,6 +94,7 @@ def compress(
     weight_decay: float = typer.Option(1e-4, "--weight-decay"),
     warmup: float = typer.Option(0.0, "--warmup", help=WARMUP_HELP),
     optimizer: str = typer.Option("adam", "--optimizer", help=OPTIMIZER_HELP),
+    mixup: float = typer.Option(0.0, "--mixup", help=MIXUP_HELP),
     batch_size: Optional[int] = typer.Option(None, "--batch-size"),
     distill: float = typer.Option(0.9, "--distill", help="weight of distillation from the baseline (0: off)"),
     temperature: float = typer.Option(4.0, "--temperature", help="distillation temperature"),
@@ -113,7 +116,7 @@ def compress(
     data = DataOptions(**{**base_data, **{k: v for k, v in {"data_dir": data_dir, "train_limit": train_limit,
                                                              "eval_limit": eval_limit}.items() if v is not None}})
     cfg = TrainConfig(epochs, lr, weight_decay, batch_size or _default_batch(data.name), seed, distill, temperature,
-                      warmup=warmup, optimizer=optimizer)
+                      warmup=warmup, optimizer=optimizer, mixup=mixup)
     opts = CompressOptions(method, prune_ratio, tuple(bits), low_bit_share, act_bits or None, importance, target,
                            train=cfg, fade=fade,
                            reconstruct=reconstruct)

@@ -241,16 +241,16 @@ def train_config(s: dict, seed: int):
     from hpqdeploy.finetune import TrainConfig
 
     return TrainConfig(s["epochs"], s["lr"], s["weight_decay"], s["batch_size"], seed, warmup=s["warmup"],
-                       optimizer=s["optimizer"])
+                       optimizer=s["optimizer"], mixup=s["mixup"])
 
 
 def compress_options(method: str, s: dict, seed: int):
-    """The `CompressOptions` one method's settings stand for."""
-    from hpqdeploy.finetune import TrainConfig
+    """The `CompressOptions` one method's settings stand for: the baseline's training keys plus distillation."""
+    from dataclasses import replace
+
     from hpqdeploy.pipeline import CompressOptions
 
-    train = TrainConfig(s["epochs"], s["lr"], s["weight_decay"], s["batch_size"], seed, s["distill"],
-                        s["temperature"], warmup=s["warmup"], optimizer=s["optimizer"])
+    train = replace(train_config(s, seed), distill=s["distill"], temperature=s["temperature"])
     return CompressOptions(method, s["prune_ratio"], tuple(s["bits"]), s["low_bit_share"], s["act_bits"] or None,
                            s["importance"], s["target"], s["calib_batches"], train, s["fade"],
                            s["reconstruct"])

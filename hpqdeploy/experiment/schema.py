@@ -70,7 +70,7 @@ EXPERIMENT = {"name": Key("str", check=_nonempty), "out": Key("path"), "seed": K
 TRAIN = {"epochs": Key("int", 10, check=_at_least(0)), "lr": Key("float", 1e-3, check=_positive),
          "weight_decay": Key("float", 1e-4, check=_at_least(0)), "batch_size": Key("int", check=_at_least(1)),
          "optimizer": Key("str", "adam", choices=_names_in("hpqdeploy.finetune", "OPTIMIZERS")),
-         "warmup": Key("float", 0.0, check=_at_least(0)),
+         "warmup": Key("float", 0.0, check=_at_least(0)), "mixup": Key("float", 0.0, check=_at_least(0)),
          "train_limit": Key("int", check=_at_least(1)), "eval_limit": Key("int", check=_at_least(1))}
 BASELINE = {"model": Key("str", check=_nonempty), "weights": Key("path"), "scratch": Key("bool", False),
             "dir": Key("path"), "data": Key("str", choices=_names_in("hpqdeploy.data", "dataset_names")),
