@@ -182,7 +182,8 @@ def finetune(model: nn.Module, data: DataLoader, cfg: TrainConfig, checkpoint: P
     With a `teacher` (the uncompressed model) and `cfg.distill` > 0, the loss adds knowledge distillation: the
     standard way to recover a compressed model's accuracy within a small fine-tuning budget.
     With distillation on and `cfg.attention` > 0 it also matches the teacher's spatial attention at
-    `cfg.attention_layers` (the teacher runs only when distilling).
+    `cfg.attention_layers` (the teacher runs only when distilling). With `cfg.mixup` > 0 every batch is a mixup
+    blend, and the teacher is shown the same blend.
     `span` trains only those epochs of the `cfg.epochs`-long schedule (a run in phases: the learning rate goes on
     where the previous phase left it); `before_step(step, steps)` is called before each step of the span.
     Subnormal floats are flushed to zero on every thread while it runs (`hpqdeploy.denormals`).
