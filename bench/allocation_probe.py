@@ -134,7 +134,7 @@ def main() -> None:
     ap.add_argument("--optimizer", default=TrainConfig.optimizer, choices=OPTIMIZERS, help="compress's --optimizer")
     ap.add_argument("--lr", type=float, default=TrainConfig.lr, help="compress's --lr")
     ap.add_argument("--reconstruct", action="store_true", help="compress's --reconstruct")
-    ap.add_argument("--mixup", type=float, default=0.0, help="compress's --mixup (Beta alpha; 0: off)")
+    ap.add_argument("--mixup", type=float, default=TrainConfig.mixup, help="compress's --mixup (Beta alpha; 0: off)")
     ap.add_argument("--importance", default=CompressOptions.importance, choices=CRITERIA,
                     help="compress's --importance")
     ap.add_argument("--resume", action="store_true")
