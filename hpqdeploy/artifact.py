@@ -25,6 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
 
+from hpqdeploy import quant_points
 from hpqdeploy.errors import UserError
 from hpqdeploy.models import LoadedModel, ModelSpec, rebuild_model
 from hpqdeploy.prune import GroupDecision, apply_pruning
@@ -59,7 +60,7 @@ def describe_quantization(model: nn.Module) -> dict[str, dict]:
         bits = m.w_bits.tolist()
         scales = weight_scales(m.weight.detach(), m.w_bits, m.w_clip, m.group_size).squeeze(-1)
         layers[name] = {
-            "op": type(m).__mro__[2].__name__,
+            "op": next(c for c in type(m).__mro__ if c.__module__.startswith("torch.nn.modules")).__name__,
             "out_channels": m.weight.shape[0],
             "bits": _runs(bits),
             "group_size": m.group_size,
@@ -70,6 +71,17 @@ def describe_quantization(model: nn.Module) -> dict[str, dict]:
             "scales": [[float(s) for s in row] for row in scales] if m.group_size else [float(s) for s in scales[:, 0]],
         }
     return layers
+
+
+def describe_points(model: nn.Module, points) -> dict | None:
+    """`quant_points.Points` as plan.json records them, with each point's range (tied ones: their source's)."""
+    if points is None:
+        return None
+    ranges = {}
+    for name, tq in points.points.items():
+        if name not in points.mirrors:
+            ranges[name] = [float(v) for v in tq.act_range]
+    return {**points.to_json(), "act_bits": int(next(iter(points.points.values())).act_bits), "ranges": ranges}
 
 
 def _runs(bits: list[int]) -> list[dict]:
@@ -142,7 +154,11 @@ def load(path: Path) -> Artifact:
         for name, q in plan.get("quantization", {}).items():
             m = attach(layers[name], bits_from_runs(q["bits"], q["out_channels"]), q["act_bits"], q["group_size"])
             m.act_dynamic = q.get("act_mode") == "dynamic"
+        if plan.get("activation_points"):
+            recorded = plan["activation_points"]
+            loaded.module = quant_points.restore(loaded.module, recorded, int(recorded.get("act_bits", 8)))
         st_load_model(loaded.module, str(path / "model.safetensors"), strict=True)
+        quant_points.reset_ties(loaded.module)
     except (ValueError, KeyError, RuntimeError, OSError, SafetensorError) as exc:
         raise UserError(f"{path}: weights do not match the plan ({str(exc).splitlines()[0][:200]})") from None
     loaded.module.eval()

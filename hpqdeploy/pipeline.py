@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from hpqdeploy import artifact
+from hpqdeploy import artifact, quant_points
 from hpqdeploy.bitalloc import LayerBits, check_bits, low_bit_share, plan_bits
 from hpqdeploy.data import DataRequest, Splits, load_data
 from hpqdeploy.denormals import subnormals_flushed
@@ -174,15 +174,25 @@ def _pruned_dimensions(pruning: list[GroupDecision]) -> dict[str, dict]:
     return out
 
 
-def _attach_quantizers(model, quant_plan: dict[str, LayerBits], calib: list) -> None:
-    """Fake quantization per the plan: MSE-searched weight clipping, then activation ranges from calibration."""
-    layers = quantizable_layers(model)
+def _attach_quantizers(loaded: LoadedModel, quant_plan: dict[str, LayerBits], calib: list, target
+                       ) -> quant_points.Points | None:
+    """Fake quantization per the plan: MSE-searched weight clipping; where layers take static 8-bit activations, the
+    quantization points between them that the target's integer kernels need (the model becomes its fx graph:
+    `loaded.module` is replaced); then activation ranges from calibration."""
+    layers = quantizable_layers(loaded.module)
     for name, lb in quant_plan.items():
         m = attach(layers[name], lb.bits, lb.act_bits, lb.group_size)
         m.act_dynamic = lb.act_dynamic
         m.w_clip.copy_(search_clip(m.weight.detach(), m.w_bits, m.group_size))
+    points = None
+    static = sorted({lb.act_bits for lb in quant_plan.values() if lb.act_bits and not lb.act_dynamic})
+    if static and target.quantized_ops:
+        points = quant_points.insert_points(loaded.module, target.quantized_ops, static[-1])
+        if points is not None:
+            loaded.module = points.model
     if quant_plan:
-        calibrate(model, calib)
+        calibrate(loaded.module, calib)
+    return points
 
 
 @subnormals_flushed()  # the analysis too: a baseline trained elsewhere may hold subnormal weights
@@ -243,7 +253,8 @@ def run_compress(baseline_dir: Path, out: Path, opts: CompressOptions, data: Dat
         torch.save({"pruning": [d.to_json() for d in pruning], "fade_history": history,
                     "quant": {n: asdict(lb) for n, lb in quant_plan.items()}}, analysis)
         macs = count_macs(model, loaded.example_inputs)
-        _attach_quantizers(model, quant_plan, calib)
+        points = _attach_quantizers(loaded, quant_plan, calib, target)
+        model = loaded.module
         analysis_seconds = time.time() - start - fade_seconds
         history += finetune(model, train, cfg, work / "compress.ckpt", resume=resume, quiet=quiet, teacher=teacher,
                             span=range(fade, cfg.epochs))
@@ -273,9 +284,10 @@ def run_compress(baseline_dir: Path, out: Path, opts: CompressOptions, data: Dat
         "history": history,
     }
     plan = {"model": loaded.spec.to_json(), "method": opts.method, "data": asdict(data),
-            "target": target.name, "channel_multiple": target.channel_multiple,
+            "target": target.name, "channel_multiple": target.channel_multiple, "isa_family": target.isa_family,
             "pruning": [d.to_json() for d in pruning],
             "quantization": artifact.describe_quantization(model),
+            "activation_points": artifact.describe_points(model, points),
             "layer_sensitivity": {n: lb.sensitivity for n, lb in quant_plan.items()}}
     provenance = {"command": command, "baseline": str(baseline_dir),
                   "config": {**asdict(opts), "data": asdict(data)}, "seed": cfg.seed, **artifact.environment()}

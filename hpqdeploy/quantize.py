@@ -72,12 +72,57 @@ def fake_quant_activation(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, b
     return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, levels)
 
 
-class _QuantMixin:
-    """Adds quantization state to a Conv2d/Linear/Embedding in place (its class is swapped, its tensors kept)."""
+class _ActObserver:
+    """An activation quantizer's state and arithmetic: an 8-bit affine range calibrated as a running mean of batch
+    extremes, then tracked during fine-tuning (exponential moving average), and the fake quantization with it.
+
+    `act_source` ties this quantizer to another one (see `quant_points`): its input is already on that quantizer's
+    grid, so it neither observes nor changes it, and it reports (and exports) the source's range."""
 
     observing: bool = False
     momentum: float = 0.01
     act_dynamic: bool = False  # set by legalization where a runtime quantizes activations per batch (XNNPACK 4-bit)
+
+    @property
+    def act_source(self) -> "_ActObserver | None":
+        return self.__dict__.get("_act_source")
+
+    @property
+    def reads_point_directly(self) -> bool:
+        """Tied, and its input is the source's output itself (not through a reshape, a slice, ...)."""
+        return bool(self.__dict__.get("_act_direct"))
+
+    def tie_to(self, source: "_ActObserver | None", direct: bool = False) -> None:
+        """Kept out of `_modules`: the source belongs to the model once, as a quantization point."""
+        self.__dict__["_act_source"] = source
+        self.__dict__["_act_direct"] = direct and source is not None
+        if source is not None:
+            self.act_range.copy_(source.act_range)
+
+    def quantize_activation(self, x: torch.Tensor) -> torch.Tensor:
+        if int(self.act_bits) == 0:
+            return x
+        source = self.act_source
+        if source is not None:  # already on the source's grid: re-quantizing with the same range is the identity
+            self.act_range.copy_(source.act_range)
+            return x
+        if self.act_dynamic:
+            return fake_quant_activation(x, x.detach().min(), x.detach().max(), int(self.act_bits))
+        if self.observing or self.training:
+            with torch.no_grad():
+                lo, hi = x.min().float(), x.max().float()
+                if self.observing:  # calibration: running mean of batch extremes
+                    n = self._observed
+                    cur = self.act_range if n else torch.stack([lo, hi])
+                    self.act_range.copy_((cur * n + torch.stack([lo, hi])) / (n + 1))
+                    self._observed = n + 1
+                else:
+                    self.act_range.lerp_(torch.stack([lo, hi]), self.momentum)
+        return fake_quant_activation(x, self.act_range[0], self.act_range[1], int(self.act_bits))
+
+
+class _QuantMixin(_ActObserver):
+    """Adds quantization state to a Conv2d/Linear/Embedding in place (its class is swapped, its tensors kept)."""
 
     def _init_quant(self, bits: torch.Tensor, act_bits: int | None, group_size: int | None) -> None:
         out = self.weight.shape[0]
@@ -104,21 +149,26 @@ class _QuantMixin:
 
         if torch_prep.exporting():
             return torch_prep.export_input(self, x)
-        if int(self.act_bits) == 0:
-            return x
-        if self.act_dynamic:
-            return fake_quant_activation(x, x.detach().min(), x.detach().max(), int(self.act_bits))
-        if self.observing or self.training:
-            with torch.no_grad():
-                lo, hi = x.min().float(), x.max().float()
-                if self.observing:  # calibration: running mean of batch extremes
-                    n = self._observed
-                    cur = self.act_range if n else torch.stack([lo, hi])
-                    self.act_range.copy_((cur * n + torch.stack([lo, hi])) / (n + 1))
-                    self._observed = n + 1
-                else:
-                    self.act_range.lerp_(torch.stack([lo, hi]), self.momentum)
-        return fake_quant_activation(x, self.act_range[0], self.act_range[1], int(self.act_bits))
+        return self.quantize_activation(x)
+
+
+class TensorQuant(_ActObserver, nn.Module):
+    """A quantization point on a tensor between layers (a residual add's inputs and output, a pooling op's input):
+    where a runtime's integer kernels need the tensor quantized, the PyTorch model fake-quantizes it too, with the
+    same numerics as a layer's input (`quant_points` places them)."""
+
+    def __init__(self, bits: int = 8):
+        super().__init__()
+        self.register_buffer("act_range", torch.tensor([float("inf"), float("-inf")]))
+        self.register_buffer("act_bits", torch.tensor(bits, dtype=torch.int8))
+        self._observed = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from hpqdeploy.lower import torch_prep
+
+        if torch_prep.exporting():
+            return torch_prep.export_activation(self, x)
+        return self.quantize_activation(x)
 
 
 class QConv2d(_QuantMixin, nn.Conv2d):
@@ -166,7 +216,7 @@ def attach(module: nn.Module, bits: torch.Tensor, act_bits: int | None, group_si
 
 def set_observing(model: nn.Module, on: bool) -> None:
     for m in model.modules():
-        if isinstance(m, _QuantMixin):
+        if isinstance(m, _ActObserver):
             m.observing = on
             if on:
                 m._observed = 0

@@ -146,3 +146,15 @@ def install_fake_executable(bindir: Path, name: str, script: Path) -> Path:
     exe.write_text(f"#!{sys.executable}\n" + script.read_text())
     exe.chmod(0o755)
     return exe
+
+
+@pytest.fixture(scope="session")
+def digits_quant(digits_baseline, tmp_path_factory) -> Path:
+    """Quant-only compression of `digits_baseline`, no fine-tuning (calibration only). Read-only for tests."""
+    from hpqdeploy.finetune import TrainConfig
+    from hpqdeploy.pipeline import CompressOptions, run_compress
+
+    out = tmp_path_factory.mktemp("digits-quant") / "quant"
+    run_compress(digits_baseline, out, CompressOptions(method="quant", train=TrainConfig(epochs=0), calib_batches=1),
+                 quiet=True)
+    return out

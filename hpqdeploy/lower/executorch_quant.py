@@ -31,7 +31,7 @@ from hpqdeploy.errors import UserError
 from hpqdeploy.hooks import forward, forward_hooks
 from hpqdeploy.lower.torch_prep import QuantParams, fold_batchnorm, quant_params
 from hpqdeploy.models.cifar_resnet import ChannelMapShortcut
-from hpqdeploy.quantize import _QuantMixin, quantize_weight
+from hpqdeploy.quantize import TensorQuant, _QuantMixin, quantize_weight
 
 STATIC, DYNAMIC, WEIGHT_ONLY, FLOAT = "static int8", "dynamic int8 activations", "weight-only", "float"
 _WEIGHT_OPS = (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)
@@ -126,7 +126,14 @@ def float_twin(model: nn.Module, example_inputs=None) -> tuple[nn.Module, dict[s
     if folded:
         notes.append(f"{folded} BatchNorm layers folded into the preceding convolutions (plan's integer weights kept)")
     plans: dict[str, LayerPlan] = {}
-    rewritten = 0
+    rewritten = points = 0
+    for name, m in list(twin.named_modules()):
+        if isinstance(m, TensorQuant):  # XNNPACKQuantizer places its own observers there (module docstring)
+            _replace(twin, name, nn.Identity())
+            points += 1
+    if points:
+        notes.append(f"{points} quantization points between layers (residual adds, pooling) left to "
+                     "XNNPACKQuantizer, which quantizes the same tensors, calibrated on the calibration split")
     for name, m in list(twin.named_modules()):
         if isinstance(m, ChannelMapShortcut):
             _replace(twin, name, _selection_conv(m))

@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hpqdeploy.errors import UserError
-from hpqdeploy.lower.torch_prep import QuantParams, activation_qparams, export_form, fold_batchnorm, quant_params
+from hpqdeploy.lower.torch_prep import QuantParams, export_form, export_qparams, fold_batchnorm, quant_params
 from hpqdeploy.quantize import _QuantMixin, op_kind
 
 MS_DOMAIN = "com.microsoft"
@@ -56,6 +56,9 @@ class QdqFlavor:
     grouped_linear: str  # "matmulnbits" (com.microsoft, bits 4/8) | "block_dq" (opset-21 INT4 DequantizeLinear)
     embedding: str  # "gather_block" (com.microsoft GatherBlockQuantized) | "dq_gather" (int8 DQ, then Gather)
     base_opset: int = 17  # per-channel Q/DQ needs 13; 21 is used only where INT4 DequantizeLinear is written
+    # static int8 linear layers: "qdq" (DQ -> MatMul -> Add) | "matmul_integer_to_float" (com.microsoft, bias
+    # included: ORT fuses a 2-D DQ -> MatMul -> Add into a float Gemm before its QDQ fusions could see the MatMul)
+    static_linear: str = "qdq"
 
 
 # ONNX Runtime: uint8 activations, int8 weights (u8 x s8, its fastest x86 kernels: on a Xeon with VNNI 1.24x
@@ -64,7 +67,7 @@ class QdqFlavor:
 # +-127) give wrong sums next to large activations; `ONNXRUNTIME_NO_VNNI` stores them as uint8 with zero point 128
 # (the same values) for the exact u8 x u8 kernels (export's `--overflow-fix`).
 ONNXRUNTIME = QdqFlavor("onnxruntime", activations="uint8", weights="int8", grouped_linear="matmulnbits",
-                        embedding="gather_block")
+                        embedding="gather_block", static_linear="matmul_integer_to_float")
 ONNXRUNTIME_NO_VNNI = replace(ONNXRUNTIME, weights="uint8")
 TENSORRT = QdqFlavor("tensorrt", activations="int8", weights="int8", grouped_linear="block_dq", embedding="dq_gather")
 
@@ -182,14 +185,13 @@ def activation_quant(name: str, m: _QuantMixin, flavor: QdqFlavor) -> ActQuant |
                         f"{flavor.runtime}; export with --target {flavor.runtime} so legalization decides it")
     if bits != 8:
         raise UserError(f"layer {name}: {bits}-bit activations are not executable by {flavor.runtime} (8-bit only)")
-    lo, hi = float(m.act_range[0]), float(m.act_range[1])
+    lo, hi = (float(v) for v in (m.act_source or m).act_range)
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise UserError(f"layer {name}: activation range was never calibrated; the artifact is incomplete")
-    if flavor.activations == "uint8":
-        scale, zp = activation_qparams(lo, hi, 8)
-        return ActQuant(scale, zp, 0, 255)
-    scale = float(np.float32(max(max(abs(lo), abs(hi)) / 127.0, 1e-8)))
-    return ActQuant(scale, 0, -128, 127, "max(|lo|,|hi|)/127 from the plan's activation range (no fresh calibration)")
+    scale, zp, qmin, qmax = export_qparams(lo, hi, bits, symmetric=flavor.activations == "int8")
+    if qmin == 0:
+        return ActQuant(scale, zp, qmin, qmax)
+    return ActQuant(scale, zp, qmin, qmax, "max(|lo|,|hi|)/127 from the plan's activation range (no fresh calibration)")
 
 
 def _choose_form(name: str, kind: str, p: QuantParams, act: ActQuant | None, flavor: QdqFlavor) -> str:
@@ -240,12 +242,13 @@ def swap_in_stand_ins(model: nn.Module, flavor: QdqFlavor) -> dict[str, LayerFor
         act = activation_quant(name, m, flavor)
         form = _choose_form(name, kind, p, act, flavor)
         weight = dequantized_weight(p)
+        own = None if m.reads_point_directly else act  # a point's Q/DQ right before it quantizes its input
         if kind == "conv":
             if m.padding_mode != "zeros":
                 raise UserError(f"layer {name}: padding_mode={m.padding_mode!r} is not exported; use zero padding")
-            new: nn.Module = _ConvStandIn(m, weight, act)
+            new: nn.Module = _ConvStandIn(m, weight, own)
         elif kind == "linear":
-            new = _LinearStandIn(weight.t(), m.bias, act)
+            new = _LinearStandIn(weight.t(), m.bias, own)
         else:
             if m.max_norm is not None:
                 raise UserError(f"layer {name}: embeddings with max_norm (renormalized rows) are not exported")
@@ -267,13 +270,13 @@ def input_signature(model: nn.Module, example: Any) -> tuple[list[str], tuple]:
     return ["input"], (example,)
 
 
-def torch_to_onnx(model: nn.Module, args: tuple, names: list[str], opset: int):
+def torch_to_onnx(model: nn.Module, args: tuple, names: list[str], opset: int, symmetric: bool = False):
     import onnx
 
     buf = io.BytesIO()
     axes = {n: {0: "batch"} for n in [*names, "logits"]}
     try:
-        with export_form(), torch.no_grad(), warnings.catch_warnings():
+        with export_form(symmetric), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.onnx.export(model, args, buf, dynamo=False, opset_version=opset, input_names=names,
                               output_names=["logits"], dynamic_axes=axes, do_constant_folding=True)
@@ -289,7 +292,7 @@ def export_qdq(model: nn.Module, example_inputs: Any, path: Path, flavor: QdqFla
     layers = swap_in_stand_ins(work, flavor)
     opset = 21 if any(layer.form == "block_dq_int4" for layer in layers.values()) else flavor.base_opset
     names, args = input_signature(work, example_inputs)
-    proto = torch_to_onnx(work, args, names, opset)
+    proto = torch_to_onnx(work, args, names, opset, symmetric=flavor.activations == "int8")
     WeightWriter(proto, flavor).write(layers.values())
     files = save_onnx(proto, Path(path))
     return QdqExport(Path(path), files, opset, names, layers, folded)
@@ -325,6 +328,9 @@ class WeightWriter:
         self._undo_dedup([f"{layer.name}.weight" for layer in layers])
         for layer in layers:
             getattr(self, f"_write_{layer.form}")(layer, f"{layer.name}.weight")
+            if (layer.form == "dq_int8" and layer.kind == "linear" and layer.act is not None
+                    and self.flavor.static_linear == "matmul_integer_to_float"):
+                self._fuse_static_linear(layer, f"{layer.name}.weight")
         kept = [t for t in self.graph.initializer if t.name not in self.dropped]
         del self.graph.initializer[:]
         self.graph.initializer.extend(kept)
@@ -405,6 +411,44 @@ class WeightWriter:
         s = self._array(f"{key}_scale", scale)
         z = self._array(f"{key}_zero_point", zero)
         self._dequantize(key, q, s, z, axis=axis)
+
+    def _fuse_static_linear(self, layer: LayerForm, key: str) -> None:
+        """DQ(Q(x)) -> MatMul(., DQ(W)) [-> Add(bias)] as one com.microsoft.MatMulIntegerToFloat reading the
+        quantized x, the integer W, both scales and zero points, and the bias: what ORT itself makes of the MatMul
+        when no bias follows. Left as it is when the pattern differs (the DQ/Q of x shared, no constant bias)."""
+        from onnx import helper, numpy_helper
+
+        producer = {o: n for n in self.graph.node for o in n.output}
+        weight_dq = producer.get(key)
+        users = self._consumers(key)
+        if weight_dq is None or len(users) != 1 or users[0].op_type != "MatMul" or users[0].input[1] != key:
+            return
+        matmul = users[0]
+        x_dq = producer.get(matmul.input[0])
+        if x_dq is None or x_dq.op_type != "DequantizeLinear" or len(x_dq.input) < 3:
+            return
+        q = producer.get(x_dq.input[0])
+        if q is None or q.op_type != "QuantizeLinear":
+            return
+        inputs = [x_dq.input[0], weight_dq.input[0], x_dq.input[1], weight_dq.input[1], x_dq.input[2],
+                  weight_dq.input[2]]
+        outputs, remove = list(matmul.output), [matmul, weight_dq]
+        after = self._consumers(matmul.output[0])
+        if len(after) == 1 and after[0].op_type == "Add":
+            other = [i for i in after[0].input if i != matmul.output[0]]
+            bias = self.inits.get(other[0]) if len(other) == 1 else None
+            n = layer.params.int_weight.shape[0]
+            if bias is not None and numpy_helper.to_array(bias).shape == (n,):
+                inputs.append(other[0])
+                outputs = list(after[0].output)
+                remove.append(after[0])
+        index = list(self.graph.node).index(matmul)
+        self.graph.node.insert(index, helper.make_node("MatMulIntegerToFloat", inputs, outputs,
+                                                       name=f"{layer.name}/MatMulIntegerToFloat", domain=MS_DOMAIN))
+        for node in remove:
+            self.graph.node.remove(node)
+        if not self._consumers(x_dq.output[0]):
+            self.graph.node.remove(x_dq)
 
     def _write_block_dq_int4(self, layer: LayerForm, key: str) -> None:
         """(in, out) INT4 weight, blocks of `group_size` along the input axis, scales (in / group, out), zp 0."""
@@ -556,6 +600,11 @@ def quantized_ops(graph, consts) -> Counter:
             out[f"{n.op_type} w:{precision(n.input[1])} a:{precision(n.input[0])}"] += 1
         elif n.op_type == "Gather" and precision(n.input[0]) != "float":
             out[f"Gather w:{precision(n.input[0])}"] += 1
+        elif n.op_type == "MatMulIntegerToFloat" and n.input[1] in consts:
+            a = producer.get(n.input[0])
+            a_kind = dtype_name(consts[n.input[4]].data_type) if len(n.input) > 4 and n.input[4] in consts else "int"
+            out[f"MatMulIntegerToFloat w:{dtype_name(consts[n.input[1]].data_type)} a:{a_kind}"
+                + ("" if a is None or a.op_type == "QuantizeLinear" else "?")] += 1
         elif n.op_type == "MatMulNBits":
             out[f"MatMulNBits w:uint{_attr(n, 'bits', 4)}/block{_attr(n, 'block_size')} a:float"] += 1
         elif n.op_type == "GatherBlockQuantized":

@@ -14,20 +14,23 @@ module (`quant_params`).
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.fx
 import torch.nn as nn
 
-from hpqdeploy.quantize import _QuantMixin, qmax, quantize_weight, weight_scales
+from hpqdeploy.errors import UserError
+from hpqdeploy.quantize import TensorQuant, _ActObserver, _QuantMixin, qmax, quantize_weight, weight_scales
 
 
 class _LeafTracer(torch.fx.Tracer):
     """Keep quantized layers as single nodes (fx would otherwise trace into them: they live outside torch.nn)."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, _QuantMixin) or super().is_leaf_module(m, qualname)
+        return isinstance(m, (_QuantMixin, TensorQuant)) or super().is_leaf_module(m, qualname)
 
 
 @torch.no_grad()
@@ -97,14 +100,16 @@ def quant_params(m: _QuantMixin) -> QuantParams:
     return QuantParams(bits[0], m.group_size, s, ints.view_as(w), act, m.act_dynamic, scale, zp)
 
 
-_EXPORT = False
+_EXPORT: dict | None = None  # while exporting: {"symmetric": bool}
 
 
 @contextlib.contextmanager
-def export_form():
-    """Within this context quantized layers emit standard fake-quant ops instead of the training form."""
+def export_form(symmetric: bool = False):
+    """Within this context quantized layers and quantization points emit standard fake-quant ops instead of the
+    training form; `symmetric` writes activations as symmetric int8 (zero point 0, scale max(|lo|, |hi|) / 127),
+    the form TensorRT takes, instead of the plan's affine uint8."""
     global _EXPORT
-    previous, _EXPORT = _EXPORT, True
+    previous, _EXPORT = _EXPORT, {"symmetric": symmetric}
     try:
         yield
     finally:
@@ -112,7 +117,7 @@ def export_form():
 
 
 def exporting() -> bool:
-    return _EXPORT
+    return _EXPORT is not None
 
 
 def export_weight(m: _QuantMixin) -> torch.Tensor:
@@ -125,9 +130,29 @@ def export_weight(m: _QuantMixin) -> torch.Tensor:
     return quantize_weight(m.weight, m.w_bits, m.w_clip, m.group_size).detach()
 
 
-def export_input(m: _QuantMixin, x: torch.Tensor) -> torch.Tensor:
+def export_qparams(lo: float, hi: float, bits: int, symmetric: bool) -> tuple[float, int, int, int]:
+    """(scale, zero point, qmin, qmax) of an activation range in the exported graph."""
+    if symmetric:
+        return float(np.float32(max(max(abs(lo), abs(hi)) / 127.0, 1e-8))), 0, -128, 127
+    scale, zp = activation_qparams(lo, hi, bits)
+    return scale, zp, 0, 2**bits - 1
+
+
+def export_activation(m: _ActObserver, x: torch.Tensor) -> torch.Tensor:
+    """A quantization point (or a layer's input) as one fake-quant op: Q/DQ in ONNX, FakeQuantize in OpenVINO."""
     act = int(m.act_bits)
     if not act or m.act_dynamic:
         return x
-    scale, zp = activation_qparams(float(m.act_range[0]), float(m.act_range[1]), act)
-    return torch.fake_quantize_per_tensor_affine(x, scale, zp, 0, 2**act - 1)
+    lo, hi = (float(v) for v in (m.act_source or m).act_range)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise UserError("an activation range was never calibrated; the artifact is incomplete")
+    scale, zp, qmin, qmax_ = export_qparams(lo, hi, act, _EXPORT["symmetric"])
+    return torch.fake_quantize_per_tensor_affine(x, scale, zp, qmin, qmax_)
+
+
+def export_input(m: _QuantMixin, x: torch.Tensor) -> torch.Tensor:
+    """A layer's input quantizer; nothing where the layer reads a quantization point's output directly (the point
+    already wrote the Q/DQ, one per tensor, as the runtimes' own quantizers place them)."""
+    if m.reads_point_directly:
+        return x
+    return export_activation(m, x)

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 class ChannelMapShortcut(nn.Module):
     """out[:, j] = x[:, source[j], ::stride, ::stride], or 0 where source[j] == -1."""
 
+    keeps_quantization_grid = True  # selects values and adds zeros: a quantized input stays on its grid
+
     def __init__(self, in_channels: int, out_channels: int, stride: int):
         super().__init__()
         pad = (out_channels - in_channels) // 2
