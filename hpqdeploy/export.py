@@ -11,6 +11,7 @@ import copy
 import json
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -105,6 +106,7 @@ def run_export(artifact_dir: Path, out: Path, opts: ExportOptions, quiet: bool =
         evaluation = _evaluate(session, reference, legal, loader(splits.eval, collate, opts.batch_size, False),
                                opts.batch_size, quiet)
         contents = runtime.inspect(work)
+        _warn_float_fallbacks(runtime.name, contents.get("fast_path"), lowered.notes)
     except UserError:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -121,6 +123,19 @@ def run_export(artifact_dir: Path, out: Path, opts: ExportOptions, quiet: bool =
     (work / "export.json").write_text(json.dumps(report, indent=2) + "\n")
     shutil.move(str(work), str(out))
     return report
+
+
+def _warn_float_fallbacks(runtime: str, fast_path: dict | None, notes: list[str]) -> None:
+    """The read-back of which quantized layers the runtime runs in integer kernels, as a note, and a warning for
+    each one it runs in float (slower than the plan promises, with the plan's numerics)."""
+    if not fast_path:
+        return
+    n, k = fast_path["quantized"], fast_path["integer"]
+    notes.append(f"{k} of {n} int8 layer(s) run in {runtime}'s integer kernels (read back from the runtime)")
+    if fast_path["float"]:
+        names = ", ".join(fast_path["float"][:5]) + (", ..." if len(fast_path["float"]) > 5 else "")
+        warnings.warn(f"{len(fast_path['float'])} of {n} int8 layer(s) run in float on {runtime}: {names}",
+                      stacklevel=2)
 
 
 def _overflow_fix(runtime, overflow_fix: str) -> bool:

@@ -40,3 +40,6 @@ def test_lowered_artifact_agrees_with_pytorch(digits_hybrid, tmp_path, target, s
         weights = report["contents"]["weights"]
         assert any(k.startswith(("int8", "i8", "u8", "uint8")) for k in weights), weights
         assert any(c["what"] == "weight bits" for c in report["legalization"])  # 4-bit convs were raised
+        if target != "tensorrt":  # read back from the runtime: every int8 layer runs in its integer kernels
+            fast = report["contents"]["fast_path"]
+            assert fast["quantized"] > 0 and fast["integer"] == fast["quantized"] and not fast["float"], fast

@@ -29,3 +29,16 @@ def int8_dot_product(flags: set[str] | None = None) -> str:
     if vnni:
         return "VNNI/AMX (int32 accumulation)"
     return "no VNNI: u8 x i8 pairs accumulate in saturating int16"
+
+
+def isa_family(flags: set[str] | None = None) -> str:
+    """The family of int8/fp32 kernels x86 runtimes pick on this CPU, as `targets/*.toml` key their measured channel
+    multiples: "amx", "vnni" (AVX-512 VNNI or AVX-VNNI), "avx2", "other"; "unknown" when the flags cannot be read."""
+    flags = cpu_flags() if flags is None else flags
+    if flags is None:
+        return "unknown"
+    if "amx_int8" in flags:
+        return "amx"
+    if flags & {"avx512_vnni", "avx_vnni"}:
+        return "vnni"
+    return "avx2" if "avx2" in flags else "other"

@@ -19,7 +19,7 @@ from hpqdeploy.errors import UserError
 from hpqdeploy.lower.base import Lowered, LoweringContext, Runtime, Session, register_runtime
 from hpqdeploy.lower.executorch_quant import DYNAMIC, FLOAT, STATIC, WEIGHT_ONLY, apply_torchao, float_twin, \
     keep_plan_ranges, static_quantizer
-from hpqdeploy.lower.pte_reader import read_program
+from hpqdeploy.lower.pte_reader import read_program, xnnpack_fast_path
 
 TEXT_INPUTS = ("input_ids", "attention_mask")  # `TextClassifier.forward` order
 _PROGRAM = "model_b{}.pte"
@@ -166,7 +166,8 @@ class ExecuTorchRuntime(Runtime):
                 "non_delegated_ops": first["non_delegated_ops"], "weights": first["weights"],
                 "weight_bytes": first["weight_bytes"], "other_constants": first["other_constants"],
                 "programs": {name: {k: v[k] for k in ("delegates", "non_delegated_ops", "bytes")}
-                             for name, v in programs.items()}}
+                             for name, v in programs.items()},
+                "fast_path": xnnpack_fast_path(paths[0])}
 
 
 def _set_threads(threads: int) -> int:

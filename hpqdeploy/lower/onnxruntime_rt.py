@@ -78,7 +78,8 @@ class OrtSession(Session):
 
 def optimized_graph(path: Path) -> dict:
     """The ops ORT's optimizer turns the graph into (level "extended": where the QDQ fusions happen; "all" adds only
-    machine-specific layout changes): which compute ops run in integer kernels and which stay float."""
+    machine-specific layout changes): which compute ops run in integer kernels and which stay float, in total and
+    per layer (`fast_path`)."""
     import onnx
     import onnxruntime as ort
 
@@ -93,7 +94,49 @@ def optimized_graph(path: Path) -> dict:
             "integer_kernels": {k: v for k, v in sorted(ops.items())
                                 if k in INTEGER_KERNELS or k.startswith("QLinear")},
             "float_compute": {k: v for k, v in sorted(ops.items()) if k in FLOAT_COMPUTE},
-            "quantize_dequantize": {k: ops[k] for k in ("QuantizeLinear", "DequantizeLinear") if ops[k]}}
+            "quantize_dequantize": {k: ops[k] for k in ("QuantizeLinear", "DequantizeLinear") if ops[k]},
+            "fast_path": fast_path(static_int8_layers(onnx.load(str(path)).graph), graph)}
+
+
+def static_int8_layers(graph) -> list[str]:
+    """Layers written with static int8 activations: a Conv/MatMul/Gemm whose weight is DequantizeLinear of the
+    constant `<layer>.weight_quantized` and whose input is DequantizeLinear of a QuantizeLinear, or a
+    MatMulIntegerToFloat reading that constant."""
+    producer = {out: n for n in graph.node for out in n.output}
+    layers = []
+    for n in graph.node:
+        if n.op_type == "MatMulIntegerToFloat" and n.input[1].endswith(".weight_quantized"):
+            layers.append(n.input[1].removesuffix(".weight_quantized"))  # written in ORT's integer form already
+            continue
+        if n.op_type not in ("Conv", "MatMul", "Gemm") or len(n.input) < 2:
+            continue
+        w, x = producer.get(n.input[1]), producer.get(n.input[0])
+        if (w is not None and w.op_type == "DequantizeLinear" and w.input[0].endswith(".weight_quantized")
+                and x is not None and x.op_type == "DequantizeLinear"
+                and getattr(producer.get(x.input[0]), "op_type", None) == "QuantizeLinear"):
+            layers.append(w.input[0].removesuffix(".weight_quantized"))
+    return layers
+
+
+def fast_path(layers: list[str], optimized) -> dict:
+    """For each static int8 layer, the op that reads its integer weight once ORT has optimized the graph: an integer
+    kernel (QLinearConv, QGemm, MatMulIntegerToFloat, ...) or DequantizeLinear feeding a float op (a fallback)."""
+    readers: dict[str, str] = {}
+    consumers: dict[str, list] = {}
+    for n in optimized.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    for layer in layers:
+        ops = consumers.get(f"{layer}.weight_quantized", [])
+        kinds = set()
+        for n in ops:
+            if n.op_type == "DequantizeLinear":
+                kinds.update(f"{c.op_type} (float)" for c in consumers.get(n.output[0], []))
+            else:
+                kinds.add(n.op_type)
+        readers[layer] = ", ".join(sorted(kinds)) or "removed"
+    floating = sorted(k for k, v in readers.items() if "(float)" in v or v == "removed")
+    return {"quantized": len(layers), "integer": len(layers) - len(floating), "float": floating, "by_layer": readers}
 
 
 @register_runtime("onnxruntime")
@@ -121,4 +164,5 @@ class OnnxRuntime(Runtime):
     def inspect(self, out_dir: Path) -> dict:
         contents = inspect_onnx(out_dir / MODEL_FILE)
         contents["optimized"] = optimized_graph(out_dir / MODEL_FILE)
+        contents["fast_path"] = contents["optimized"].pop("fast_path")
         return contents

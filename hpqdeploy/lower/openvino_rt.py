@@ -279,7 +279,9 @@ class OpenVINORuntime(Runtime):
                 entry = activation_fq.setdefault(kind, {"total": 0, "fake_quantized": 0})
                 entry["total"] += 1
                 entry["fake_quantized"] += src == "FakeQuantize"
+        runtime = _executed_precisions(core, model)
         return {
+            "fast_path": runtime.pop("fast_path"),
             "format": "OpenVINO IR",
             "ops": dict(Counter(op.get_type_name() for op in ops).most_common()),
             "weights": dict(weights),
@@ -291,7 +293,7 @@ class OpenVINORuntime(Runtime):
             "constants": constants,
             "inputs": {i.get_any_name(): f"{i.get_element_type().get_type_name()}{i.get_partial_shape()}"
                        for i in model.inputs},
-            "runtime": _executed_precisions(core, model),
+            "runtime": runtime,
         }
 
 
@@ -317,7 +319,44 @@ def _weight_constant(node):
 
 def _layer_name(op) -> str:
     """`__module.hf.bert.encoder.layer.0.output.dense/aten::linear/MatMul` -> `hf.bert.encoder.layer.0.output.dense`."""
-    return op.get_friendly_name().split("/")[0].removeprefix("__module.")
+    return _layer_name_of(op.get_friendly_name())
+
+
+def static_int8_layers(model) -> list[str]:
+    """Layers of the IR with static int8 activations: a Convolution/MatMul reading a FakeQuantize and a weight
+    constant."""
+    layers = []
+    for op in model.get_ops():
+        kind = op.get_type_name()
+        if kind not in ("Convolution", "MatMul"):
+            continue
+        sources = [op.input(i).get_source_output().get_node() for i in range(2)]
+        if sources[0].get_type_name() == "FakeQuantize" and _weight_constant(sources[1]) is not None:
+            layers.append(_layer_name(op))
+    return layers
+
+
+def fast_path(model, runtime_model) -> dict:
+    """For each static int8 layer of the IR, the precision the CPU plugin runs it in (its runtime model: the layer
+    type and `runtimePrecision` of the compiled op that the layer's IR op went into); u8/i8 is the integer path."""
+    static = set(static_int8_layers(model))
+    readers: dict[str, str] = {}
+    for op in runtime_model.get_ops():
+        rt = op.get_rt_info()
+        kind = rt["layerType"].astype(str)
+        if kind not in ("Convolution", "FullyConnected", "MatMul"):
+            continue
+        for original in rt["originalLayersNames"].astype(str).split(","):
+            layer = _layer_name_of(original)
+            if layer in static:
+                readers[layer] = f"{kind} {rt['runtimePrecision'].astype(str)}"
+    floating = sorted(layer for layer in static if readers.get(layer, "").split(" ")[-1] not in ("u8", "i8"))
+    return {"quantized": len(static), "integer": len(static) - len(floating), "float": floating,
+            "by_layer": {layer: readers.get(layer, "not found in the runtime model") for layer in sorted(static)}}
+
+
+def _layer_name_of(friendly: str) -> str:
+    return friendly.split("/")[0].removeprefix("__module.")
 
 
 def _executed_precisions(core, model) -> dict:
@@ -329,6 +368,8 @@ def _executed_precisions(core, model) -> dict:
                         int(core.get_property("CPU", "DYNAMIC_QUANTIZATION_GROUP_SIZE"))}
     for hint in dict.fromkeys(["f32", default]):
         compiled = core.compile_model(model, "CPU", _compile_config("f32" if hint == "f32" else "default", 1))
+        if hint == "f32":  # what `load` compiles
+            result["fast_path"] = fast_path(model, compiled.get_runtime_model())
         layers: dict[str, Counter] = {}
         for op in compiled.get_runtime_model().get_ops():
             rt = op.get_rt_info()

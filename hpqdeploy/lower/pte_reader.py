@@ -86,6 +86,50 @@ def read_program(path: Path) -> dict:
             "bytes": len(data)}
 
 
+_XNN_WEIGHTED = ("XNNConv2d", "XNNDepthwiseConv2d", "XNNFullyConnected")
+
+
+def xnnpack_fast_path(path: Path) -> dict:
+    """Every convolution and fully-connected node inside the XNNPACK delegates of one `.pte`, by the datatypes of
+    its input and filter: a quantized filter read with a quantized input (static qint8, or dynamic qdint8) runs in
+    XNNPACK's integer kernels; a quantized filter with a float input would be dequantized (a fallback). Weighted ops
+    left outside the delegates run in ExecuTorch's portable float kernels."""
+    data, pte = _deserialize(path)
+    by_kind: Counter = Counter()
+    floating = []
+    quantized = 0
+    for graph, _payload in _xnnpack_graphs(data, pte):
+        dtypes = {}
+        for v in graph.get("xvalues", []):
+            u = v["xvalue_union"]
+            dtypes[u.get("id_out")] = u.get("datatype", "").removeprefix("xnn_datatype_")
+        for i, node in enumerate(graph.get("xnodes", [])):
+            kind = node["xnode_union_type"]
+            if kind not in _XNN_WEIGHTED:
+                continue
+            u = node["xnode_union"]
+            x, w = dtypes.get(u.get("input1_id")), dtypes.get(u.get("filter_id"))
+            by_kind[f"{kind} in:{x} filter:{w}"] += 1
+            if w not in ("fp32", "fp16", "bf16"):
+                quantized += 1
+                if x in ("fp32", "fp16", "bf16"):
+                    floating.append(f"{kind} #{i} (float input, {w} filter)")
+    from executorch.exir.schema import KernelCall
+
+    kernels = Counter()
+    for plan in pte.program.execution_plan:
+        for chain in plan.chains:
+            for ins in chain.instructions:
+                call = ins.instr_args
+                if isinstance(call, KernelCall):
+                    name = plan.operators[call.op_index].name
+                    if name in ("aten::convolution", "aten::linear", "aten::addmm", "aten::mm"):
+                        kernels[name] += 1
+    floating += [f"{name} outside the delegate (x{n})" for name, n in kernels.items()]
+    return {"quantized": quantized, "integer": quantized - sum(1 for f in floating if "#" in f), "float": floating,
+            "by_kind": dict(by_kind)}
+
+
 def xnnpack_constants(path: Path) -> list[XnnConstant]:
     """Every constant tensor (weights, biases) inside the XNNPACK delegates of one `.pte`."""
     data, pte = _deserialize(path)
