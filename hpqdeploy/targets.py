@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import math
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from hpqdeploy.errors import UserError
+from hpqdeploy.lower.cpu import isa_family
 from hpqdeploy.resources import resource_dir
 
 TARGETS_DIR = resource_dir("targets")
 OP_KINDS = ("conv", "depthwise_conv", "linear", "embedding")
+QUANTIZED_OP_KINDS = ("add", "avg_pool", "cat")  # what `quant_points` can place points around
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,12 @@ class Target:
     ops: dict[str, OpSupport]
     runtime: str = ""
     artifact: str = ""
+    # ops between layers whose tensors the runtime's integer kernels need quantized (`quant_points`)
+    quantized_ops: tuple[str, ...] = ("add", "avg_pool", "cat")
+    # channel multiples measured per ISA family (bench/width_bench.py); `channel_multiple` is the one for this
+    # machine's family, or the TOML's default where its family was not measured
+    channel_multiple_by_isa: tuple[tuple[str, int], ...] = ()
+    isa_family: str = ""
 
     def support(self, kind: str) -> OpSupport:
         return self.ops[kind]
@@ -38,7 +47,7 @@ class Target:
 
 GENERIC = Target(
     name="generic",
-    channel_multiple=8,
+    channel_multiple=8,  # `load_target(None)` raises it to every runtime's multiple on this machine
     ops={k: OpSupport((8, 4), (8,) if k != "embedding" else (), {8: "per_channel", 4: "per_channel"})
          for k in OP_KINDS},
     runtime="no runtime restriction (storage precision; export legalizes)",
@@ -50,8 +59,12 @@ def target_names() -> list[str]:
 
 
 def load_target(name: str | None) -> Target:
+    """A runtime's target, its channel multiple resolved for this machine's ISA family; with no name the generic
+    target, whose channel multiple is the least common multiple of every runtime's here (a plan made for no
+    runtime in particular keeps widths every runtime runs fast)."""
     if name is None:
-        return GENERIC
+        multiples = [load_target(n).channel_multiple for n in target_names()]
+        return replace(GENERIC, channel_multiple=math.lcm(GENERIC.channel_multiple, *multiples), isa_family=isa_family())
     path = TARGETS_DIR / f"{name}.toml"
     if not path.is_file():
         raise UserError(f"unknown target {name!r}; known: {', '.join(target_names())}")
@@ -63,7 +76,14 @@ def load_target(name: str | None) -> Target:
             ops[kind] = OpSupport(tuple(o["weight_bits"]), tuple(o.get("activation_bits", ())),
                                   {int(b): g for b, g in o.get("granularity", {}).items()}, o.get("group_size"),
                                   o.get("low_bit_activations", "static"))
-        return Target(blob["name"], int(blob["channel_multiple"]), ops, blob.get("runtime", ""),
-                      blob.get("artifact", ""))
+        quantized_ops = tuple(blob.get("quantized_ops", Target.quantized_ops))
+        by_isa = {str(k): int(v) for k, v in blob.get("channel_multiple_by_isa", {}).items()}
+        family = isa_family()
+        multiple = by_isa.get(family, int(blob["channel_multiple"]))
+        unknown = sorted(set(quantized_ops) - set(QUANTIZED_OP_KINDS))
+        if unknown:
+            raise ValueError(f"quantized_ops: unknown op kind {unknown[0]!r} (known: {', '.join(QUANTIZED_OP_KINDS)})")
+        return Target(blob["name"], multiple, ops, blob.get("runtime", ""), blob.get("artifact", ""), quantized_ops,
+                      tuple(sorted(by_isa.items())), family)
     except (tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as exc:
         raise UserError(f"{path} is malformed: {exc}") from None

@@ -149,6 +149,29 @@ def test_targets_load():
     assert trt.channel_multiple == 16
     assert trt.support("conv").weight_bits == (8,)
     assert trt.support("linear").group_size_for(4) == 128 and trt.support("linear").group_size_for(8) is None
-    assert load_target(None) is GENERIC
+    generic = load_target(None)  # widths every runtime runs fast on this machine
+    assert generic.name == GENERIC.name
+    assert all(generic.channel_multiple % load_target(n).channel_multiple == 0 for n in target_names())
     with pytest.raises(UserError, match="unknown target 'nosuch'"):
         load_target("nosuch")
+
+
+def test_channel_multiple_follows_the_isa_family(monkeypatch):
+    """`[channel_multiple_by_isa]` picks the measured multiple for this CPU's family; unmeasured families fall back."""
+    import hpqdeploy.targets as targets
+
+    monkeypatch.setattr(targets, "isa_family", lambda: "vnni")
+    assert load_target("onnxruntime").channel_multiple == 16
+    assert load_target("onnxruntime").isa_family == "vnni"
+    monkeypatch.setattr(targets, "isa_family", lambda: "avx2")
+    assert load_target("onnxruntime").channel_multiple == 8
+
+
+def test_isa_family_from_cpu_flags():
+    from hpqdeploy.lower.cpu import isa_family
+
+    assert isa_family({"avx2", "avx512f", "avx512_vnni", "amx_int8"}) == "amx"
+    assert isa_family({"avx2", "avx512f", "avx512_vnni"}) == "vnni"
+    assert isa_family({"avx2", "avx_vnni"}) == "vnni"
+    assert isa_family({"avx2", "fma"}) == "avx2"
+    assert isa_family(set()) == "other"
