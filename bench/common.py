@@ -76,3 +76,40 @@ def round_robin(sessions: dict, inputs, iters: int, repeats: int, warmup: int) -
                 s(inputs)
                 passes[k][-1].append(time.perf_counter() - t)
     return passes
+
+
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8",
+             "amx_bf16")  # what decides which int8 / fp32 kernels the runtimes pick on x86
+
+
+def machine(packages: tuple[str, ...] = ("torch", "onnxruntime", "openvino", "nncf", "executorch", "torchao")) -> dict:
+    """The machine block every result is headed by: CPU model and the ISA flags int8 speed depends on, cores,
+    memory, OS, Python and runtime versions, date. Results from different blocks are never compared."""
+    import datetime
+    import importlib.metadata as md
+    import platform
+
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    fields = dict(line.split(":", 1) for line in cpuinfo.splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    memory = None
+    if Path("/proc/meminfo").exists():
+        total = next(line for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal"))
+        memory = round(int(total.split()[1]) / 2**20, 1)
+    versions = {}
+    for pkg in packages:
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return {"cpu": fields.get("model name") or platform.processor() or platform.machine(),
+            "isa": [f for f in ISA_FLAGS if f in flags], "cores": os.cpu_count(), "memory_gib": memory,
+            "os": platform.platform(), "python": platform.python_version(), "versions": versions,
+            "date": datetime.date.today().isoformat()}
+
+
+def machine_markdown(m: dict) -> str:
+    versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items())
+    return (f"Machine: {m['cpu']} ({', '.join(m['isa']) or 'no AVX2'}), {m['cores']} cores, {m['memory_gib']} GiB, "
+            f"{m['os']}, Python {m['python']}; {versions}; {m['date']}.")

@@ -1,0 +1,203 @@
+"""Is the compressed model faster on each runtime than what the runtime's own INT8 tool makes in a minute?
+
+For ResNet-20/CIFAR-10 and MiniLM/SST-2: the runs under `--runs DIR` (DIR/MODEL/{baseline,quant,hybrid}, made by
+`hpqdeploy train` and `hpqdeploy compress`) are exported with the CLI to ONNX Runtime, OpenVINO and ExecuTorch; each
+runtime's own post-training tool quantizes the same fp32 baseline in this run (`bench/peers/`: ResNet-20 ORT
+`quantize_static`, NNCF `quantize`, ExecuTorch PT2E `XNNPACKQuantizer`; MiniLM ORT `quantize_dynamic`, NNCF
+`quantize`, ExecuTorch 8da4w). Then, in one process, every runtime on one thread: each artifact is evaluated inside
+its runtime on the full evaluation split, and all artifacts of a model are timed round-robin at batch 1 and batch 32
+in separate passes. Each export's own read-back (which layers run in integer kernels) is copied into the results.
+Writes bench/results/fast_path.json and its section of BENCHMARKS.md, headed by the machine it ran on. Usage:
+
+    .venv/bin/python bench/fast_path_bench.py --runs DIR [--only resnet20|minilm] [--iters-b1 200]
+                                               [--iters-b32 30] [--repeats 3] [--parallel 2] [--render-only]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from common import ROOT, export, machine, machine_markdown, publish, replace_section, round_robin
+from peers_bench import artifact_bytes, evaluate, peer_dir, spawn_peer
+
+RUNTIMES = ("onnxruntime", "openvino", "executorch")
+SOURCES = ("baseline", "quant", "hybrid")
+PEERS = {"resnet20": {"onnxruntime": "ort-static", "openvino": "nncf-ptq", "executorch": "et-pt2e"},
+         "minilm": {"onnxruntime": "ort-dynamic", "openvino": "nncf-ptq", "executorch": "et-8da4w"}}
+GOALS = {  # speed of hpqdeploy's artifact over the best peer's on the same runtime, per batch size
+    "resnet20": {"quant": {1: 1.0, 32: 1.0}, "hybrid": {1: 1.3, 32: 1.6}},
+    "minilm": {"quant": {1: 1.0, 32: 1.0}, "hybrid": {1: 1.3, 32: 1.3}}}
+ACCURACY_GOALS = {"quant": 0.2, "hybrid": 0.3}  # points between the runtime and the PyTorch compressed model
+RESULTS = ROOT / "bench" / "results" / "fast_path.json"
+HEADING = "speed against each runtime's own INT8 tool"
+BATCHES = (1, 32)
+
+
+def measure(model: str, runs: Path, iters: dict[int, int], repeats: int) -> list[dict]:
+    import torch
+
+    from hpqdeploy.export import _pad, to_numpy
+    from hpqdeploy.lower.base import get_runtime
+    from peers.case import Case
+
+    torch.set_num_threads(1)
+    case = Case(model, runs)
+    rows, sessions = [], {}
+    for rt in RUNTIMES:
+        entries = [(f"hpqdeploy {s}", "hpqdeploy", runs / "export" / model / f"{s}-{rt}") for s in SOURCES]
+        entries.append((PEERS[model][rt], PEERS[model][rt], peer_dir(runs, model, PEERS[model][rt], rt)))
+        for label, tool, d in entries:
+            meta_file = d / ("export.json" if tool == "hpqdeploy" else "peer.json")
+            if not meta_file.exists():
+                rows.append({"row": label, "runtime": rt, "missing": f"{d} was not built (see its log)"})
+                continue
+            meta = json.loads(meta_file.read_text())
+            try:
+                session = get_runtime(rt).load(d, threads=1)
+            except Exception as exc:  # a peer's artifact its runtime cannot load is a result
+                rows.append({"row": label, "runtime": rt, "missing": f"{rt} cannot load it: {str(exc)[:160]}"})
+                continue
+            key = f"{label}/{rt}"
+            sessions[key] = session
+            row = {"row": label, "tool": tool, "runtime": rt, "key": key, "accuracy": evaluate(session, case),
+                   "bytes": artifact_bytes(d, rt), "notes": meta.get("notes", [])}
+            if tool == "hpqdeploy":
+                row["accuracy_pytorch"] = meta.get("accuracy_pytorch")
+                row["fast_path"] = meta.get("contents", {}).get("fast_path")
+            else:
+                row["summary"] = meta.get("summary", "")
+            rows.append(row)
+            print(f"{model} {key}: {100 * row['accuracy']:.2f}%", flush=True)
+    first = next(iter(case.eval_loader()))[0]
+    for batch in BATCHES:
+        rows_ = {k: v[:batch] for k, v in first.items()} if isinstance(first, dict) else first[:batch]
+        inputs = to_numpy(_pad(rows_, batch))
+        passes = round_robin(sessions, inputs, iters[batch], repeats, warmup=5)
+        for r in rows:
+            if r.get("key") in passes:
+                runs_ = passes[r["key"]]
+                p50 = statistics.median(t for run in runs_ for t in run)
+                r[f"b{batch}_p50_ms"] = round(1e3 * p50, 4)
+                r[f"b{batch}_per_s"] = round(batch / p50, 1)
+                r[f"b{batch}_per_pass_ms"] = [round(1e3 * statistics.median(run), 4) for run in runs_]
+    return rows
+
+
+def judge(model: str, rows: list[dict]) -> list[dict]:
+    by = {(r["row"], r["runtime"]): r for r in rows if "accuracy" in r}
+    goals = []
+    for rt in RUNTIMES:
+        peer = by.get((PEERS[model][rt], rt))
+        for source in ("quant", "hybrid"):
+            r = by.get((f"hpqdeploy {source}", rt))
+            if r is None:
+                continue
+            if r.get("accuracy_pytorch") is not None:
+                gap = 100 * abs(r["accuracy"] - r["accuracy_pytorch"])
+                goals.append({"runtime": rt, "source": source, "goal": f"accuracy in the runtime within "
+                              f"{ACCURACY_GOALS[source]} point of PyTorch's", "value": f"{gap:.2f} pt",
+                              "met": gap <= ACCURACY_GOALS[source] + 1e-9})
+            for batch, factor in GOALS[model][source].items():
+                if peer is None or f"b{batch}_p50_ms" not in r or f"b{batch}_p50_ms" not in peer:
+                    goals.append({"runtime": rt, "source": source, "goal": f"batch {batch}: at least {factor}x the "
+                                  "peer's throughput", "value": "no peer row", "met": False})
+                    continue
+                speed = peer[f"b{batch}_p50_ms"] / r[f"b{batch}_p50_ms"]
+                goals.append({"runtime": rt, "source": source, "goal": f"batch {batch}: at least {factor}x "
+                              f"{peer['row']}'s throughput", "value": f"{speed:.2f}x", "met": speed >= factor})
+    return goals
+
+
+def _fast_path_text(r: dict) -> str:
+    fp = r.get("fast_path") or {}
+    if not fp:
+        return ""
+    text = f"{fp.get('integer', 0)}/{fp.get('quantized', 0)} int"
+    return text + (f"; float: {', '.join(fp['float'])}" if fp.get("float") else "")
+
+
+def markdown(blob: dict) -> str:
+    lines = [machine_markdown(blob["machine"]), "",
+             f"Made by `{blob['command']}` ({blob['seconds']} s). Every row evaluated inside its runtime on the "
+             "full evaluation split; bytes are the model files a deployment ships (ExecuTorch: the batch-1 program). "
+             f"Latency: median of all calls at batch 1 and batch 32, every artifact of a model timed round-robin in "
+             f"{blob['repeats']} passes ({blob['iters']['1']} / {blob['iters']['32']} calls per pass), one thread "
+             "per runtime; per-pass medians in the JSON. The peers quantize the same fp32 baseline in the same run "
+             "and calibrate on the same examples as the plan. `int layers`: the export's read-back of the layers "
+             "the runtime runs in integer kernels (of those the plan quantized).", ""]
+    for model, res in blob["results"].items():
+        lines += [f"### {model}", "", f"Runs: `{res['runs']}` ({res['budget']}).", "",
+                  "| row | runtime | accuracy | PyTorch | bytes | b1 ms | b32 ms | b1 vs peer | b32 vs peer | "
+                  "int layers |", "|---|---|---|---|---|---|---|---|---|---|"]
+        peers = {r["runtime"]: r for r in res["rows"] if r["row"] == PEERS[model].get(r["runtime"])}
+        for r in res["rows"]:
+            if "accuracy" not in r:
+                lines.append(f"| {r['row']} | {r['runtime']} | {r['missing']} | | | | | | | |")
+                continue
+            p = peers.get(r["runtime"], {})
+            vs = [f"{p[f'b{b}_p50_ms'] / r[f'b{b}_p50_ms']:.2f}x" if f"b{b}_p50_ms" in p and f"b{b}_p50_ms" in r
+                  else "" for b in BATCHES]
+            torch_acc = f"{100 * r['accuracy_pytorch']:.2f}%" if r.get("accuracy_pytorch") is not None else ""
+            lines.append(f"| {r['row']} | {r['runtime']} | {100 * r['accuracy']:.2f}% | {torch_acc} | "
+                         f"{r['bytes']:,} | {r.get('b1_p50_ms', '')} | {r.get('b32_p50_ms', '')} | {vs[0]} | {vs[1]} | "
+                         f"{_fast_path_text(r)} |")
+        lines += ["", "| runtime | method | goal | measured | met |", "|---|---|---|---|---|"]
+        lines += [f"| {g['runtime']} | {g['source']} | {g['goal']} | {g['value']} | {'yes' if g['met'] else '**no**'} |"
+                  for g in res["goals"]]
+        lines += ["", "Peers as run:", ""]
+        seen = set()
+        for r in res["rows"]:
+            if r.get("tool") not in (None, "hpqdeploy") and r["tool"] not in seen:
+                seen.add(r["tool"])
+                lines.append(f"- `{r['tool']}`: {r.get('summary', '')}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=Path, required=True, help="holds MODEL/{baseline,quant,hybrid}")
+    ap.add_argument("--only", choices=tuple(PEERS))
+    ap.add_argument("--budget", default="", help="how the runs were made (recorded with the table)")
+    ap.add_argument("--iters-b1", type=int, default=200)
+    ap.add_argument("--iters-b32", type=int, default=30)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--parallel", type=int, default=2, help="export/peer processes at a time (one thread each)")
+    ap.add_argument("--render-only", action="store_true")
+    args = ap.parse_args()
+    blob = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"results": {}}
+    if args.render_only:
+        replace_section("fast_path", HEADING, markdown(blob))
+        return
+    start = time.time()
+    runs = args.runs.resolve()
+    models = [args.only] if args.only else [m for m in PEERS if (runs / m / "baseline").is_dir()]
+    with ThreadPoolExecutor(args.parallel) as pool:
+        for f in [pool.submit(export, runs, m, "baseline", rt) for m in models for rt in RUNTIMES]:
+            f.result()  # the peers start from the fp32 exports
+        jobs = [pool.submit(spawn_peer, m, p, runs) for m in models for p in sorted(set(PEERS[m].values()))]
+        jobs += [pool.submit(export, runs, m, s, rt) for m in models for s in SOURCES[1:] for rt in RUNTIMES]
+        for f in jobs:
+            f.result()
+    iters = {1: args.iters_b1, 32: args.iters_b32}
+    for m in models:
+        rows = measure(m, runs, iters, args.repeats)
+        try:
+            where = str(runs.relative_to(ROOT))
+        except ValueError:
+            where = str(runs)
+        blob["results"][m] = {"rows": rows, "goals": judge(m, rows), "runs": where, "budget": args.budget}
+    blob.update(command=" ".join(["python bench/fast_path_bench.py", *sys.argv[1:]]),
+                seconds=round(time.time() - start), repeats=args.repeats, iters={"1": iters[1], "32": iters[32]},
+                machine=machine())
+    publish(RESULTS, blob, "fast_path", HEADING, markdown(blob))
+
+
+if __name__ == "__main__":
+    main()
