@@ -97,6 +97,7 @@ def _selection_conv(shortcut: ChannelMapShortcut) -> nn.Conv2d:
     kept = torch.nonzero(shortcut.source >= 0).flatten()
     w[kept, shortcut.source[kept], 0, 0] = 1.0
     conv.weight = nn.Parameter(w, requires_grad=False)
+    conv.selects_channels = True  # int8 where the model runs int8: one-hot weights are exact at any 8-bit scale
     return conv
 
 
@@ -194,6 +195,11 @@ def _weight_owner(node: torch.fx.Node) -> str | None:
     if isinstance(w, torch.fx.Node) and w.op == "get_attr" and str(w.target).endswith(".weight"):
         return str(w.target)[: -len(".weight")]
     return None
+
+
+def selection_layers(model: nn.Module) -> set[str]:
+    """The one-hot channel-selection convolutions `float_twin` put in place of channel-map shortcuts."""
+    return {n for n, m in model.named_modules() if getattr(m, "selects_channels", False)}
 
 
 def static_quantizer(static: set[str], modality: str):

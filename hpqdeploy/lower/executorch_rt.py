@@ -18,7 +18,7 @@ import torch
 from hpqdeploy.errors import UserError
 from hpqdeploy.lower.base import Lowered, LoweringContext, Runtime, Session, register_runtime
 from hpqdeploy.lower.executorch_quant import DYNAMIC, FLOAT, STATIC, WEIGHT_ONLY, apply_torchao, float_twin, \
-    keep_plan_ranges, static_quantizer
+    keep_plan_ranges, selection_layers, static_quantizer
 from hpqdeploy.lower.pte_reader import read_program, xnnpack_fast_path
 
 TEXT_INPUTS = ("input_ids", "attention_mask")  # `TextClassifier.forward` order
@@ -75,7 +75,10 @@ def _quantize_static(model, plans, ctx: LoweringContext) -> tuple[torch.nn.Modul
     example = program_args(_rows(ctx.example_inputs, 2))
     free_batch = tuple({0: torch.export.Dim.AUTO} for _ in example)
     graph = torch.export.export(model, example, dynamic_shapes=free_batch).module()
-    prepared = prepare_pt2e(graph, static_quantizer({n for n, p in plans.items() if p.role == STATIC}, ctx.modality))
+    static = {n for n, p in plans.items() if p.role == STATIC}
+    # the shortcuts' one-hot selections run int8 beside them (float, each would need a dequantize and a quantize)
+    static |= selection_layers(model)
+    prepared = prepare_pt2e(graph, static_quantizer(static, ctx.modality))
     with torch.no_grad():
         for inputs, _ in ctx.calib:
             prepared(*program_args(inputs))

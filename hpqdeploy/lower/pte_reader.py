@@ -102,6 +102,7 @@ def xnnpack_fast_path(path: Path) -> dict:
         dtypes = {}
         for v in graph.get("xvalues", []):
             u = v["xvalue_union"]
+            u = u.get("tensor_value", u)  # quantized values wrap the tensor value with their parameters
             dtypes[u.get("id_out")] = u.get("datatype", "").removeprefix("xnn_datatype_")
         for i, node in enumerate(graph.get("xnodes", [])):
             kind = node["xnode_union_type"]
