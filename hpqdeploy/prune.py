@@ -235,7 +235,9 @@ def _layer_macs(model: nn.Module, example_inputs: Any) -> dict[nn.Module, float]
 def allocate(groups: list[_Group], sensitivity: dict[str, float], kept_share: Callable[[dict[str, float]], float],
              ratio: float, multiple: int) -> dict[str, int]:
     """Choose each group's kept units: remove at least what pruning every group by exactly `ratio` would remove
-    (in `kept_share`'s measure of parameters and MACs), at the least estimated loss.
+    (in `kept_share`'s measure of parameters and MACs), at the least estimated loss. A group the target's widths
+    cannot shrink (fewer units than one multiple to spare: 16 channels at a multiple of 16) is left out of that
+    budget, rather than its share being cut from the other groups.
 
     A group's estimated loss for keeping k units is its measured sensitivity (at the lower candidate) scaled by the
     share of importance that k removes relative to the lower candidate. Greedy over the candidates: each step takes
@@ -255,7 +257,8 @@ def allocate(groups: list[_Group], sensitivity: dict[str, float], kept_share: Ca
     def share(kept: dict[str, int]) -> float:
         return kept_share({n: k / units[n] for n, k in kept.items()})
 
-    target = kept_share({g.name: 1 - ratio for g in groups})
+    fixed = {g.name for g in groups if len(options[g.name]) == 1 and choice[g.name] == g.units}
+    target = kept_share({g.name: 1.0 if g.name in fixed else 1 - ratio for g in groups})
     current = share(choice)
     while current > target + 1e-12:
         best = None

@@ -421,3 +421,14 @@ def test_fade_schedule_falls_from_one_to_zero(tiny_resnet, resnet_example):
         factors.append(gates.factor)
     assert factors[0] > 0.95 and factors[-1] == 0.0
     assert all(a > b for a, b in zip(factors, factors[1:]))
+
+
+def test_a_group_the_widths_cannot_shrink_is_left_out_of_the_budget():
+    """At a multiple of 8 an 8-channel group keeps all its channels; the others are pruned by the ratio, not by the
+    ratio plus the share the unprunable group could not give (which would cut both 64-channel groups to 40)."""
+    groups = [_group("a", 8), _group("b", 64), _group("c", 64)]
+    share = _linear_share(groups, {"a": 4.0, "b": 0.25, "c": 0.25})
+    assert candidates(8, 1, 0.3, 8) == [8]
+    choice = allocate(groups, {"a": 1.0, "b": 1.0, "c": 0.01}, share, 0.3, 8)
+    assert choice == {"a": 8, "b": 48, "c": 40}  # only the less sensitive group goes below 64 * 0.7
+    assert share({"a": 1.0, "b": 48 / 64, "c": 40 / 64}) <= 0.5 + 0.5 * 0.7
