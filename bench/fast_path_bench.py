@@ -19,6 +19,7 @@ import argparse
 import json
 import statistics
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -78,6 +79,12 @@ def measure(model: str, runs: Path, iters: dict[int, int], repeats: int) -> list
     for batch in BATCHES:
         rows_ = {k: v[:batch] for k, v in first.items()} if isinstance(first, dict) else first[:batch]
         inputs = to_numpy(_pad(rows_, batch))
+        if batch == 32 and model == "resnet20":  # where the time goes, in ORT's own profile
+            for r in rows:
+                if r.get("runtime") == "onnxruntime" and "key" in r:
+                    d = runs / "export" / model / f"{r['row'].split()[-1]}-onnxruntime" if r["tool"] == "hpqdeploy" \
+                        else peer_dir(runs, model, r["tool"], "onnxruntime")
+                    r["ort_profile_b32_ms"] = ort_time_by_resolution(d / "model.onnx", inputs)
         passes = round_robin(sessions, inputs, iters[batch], repeats, warmup=5)
         for r in rows:
             if r.get("key") in passes:
@@ -87,6 +94,37 @@ def measure(model: str, runs: Path, iters: dict[int, int], repeats: int) -> list
                 r[f"b{batch}_per_s"] = round(batch / p50, 1)
                 r[f"b{batch}_per_pass_ms"] = [round(1e3 * statistics.median(run), 4) for run in runs_]
     return rows
+
+
+def ort_time_by_resolution(model_path: Path, inputs, calls: int = 10) -> dict[str, float]:
+    """ONNX Runtime's own profiler, one thread: ms per call spent in its integer and float convolution / matmul
+    kernels, by output spatial size (a CNN's stages), and in everything else. Says where a pruned model's time went."""
+    import onnxruntime as ort
+
+    from hpqdeploy.lower.onnxruntime_rt import session_options
+
+    with tempfile.TemporaryDirectory() as tmp:
+        so = session_options(1)
+        so.enable_profiling = True
+        so.profile_file_prefix = str(Path(tmp) / "profile")
+        session = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+        feeds = inputs if isinstance(inputs, dict) else {session.get_inputs()[0].name: inputs}
+        for _ in range(calls):
+            session.run(None, feeds)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    out: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time"):
+            continue
+        args = e["args"]
+        key = "other ops"
+        if args.get("op_name") in ("QLinearConv", "Conv", "FusedConv", "NchwcConv"):
+            shape = list(args["output_type_shape"][0].values())[0]
+            nhwc = args["op_name"] == "QLinearConv" and len(shape) == 4  # ORT runs int8 convs channels-last
+            h, w = (shape[1], shape[2]) if nhwc else (shape[-2], shape[-1])
+            key = f"conv {h}x{w}"
+        out[key] = out.get(key, 0.0) + e["dur"] / 1e3 / calls
+    return {k: round(v, 3) for k, v in sorted(out.items())}
 
 
 def judge(model: str, rows: list[dict]) -> list[dict]:
@@ -150,6 +188,13 @@ def markdown(blob: dict) -> str:
         lines += ["", "| runtime | method | goal | measured | met |", "|---|---|---|---|---|"]
         lines += [f"| {g['runtime']} | {g['source']} | {g['goal']} | {g['value']} | {'yes' if g['met'] else '**no**'} |"
                   for g in res["goals"]]
+        profiled = [r for r in res["rows"] if r.get("ort_profile_b32_ms")]
+        if profiled:
+            keys = sorted({k for r in profiled for k in r["ort_profile_b32_ms"]})
+            lines += ["", "Where ONNX Runtime spends a batch of 32 (its own profiler, ms per call, one thread):", "",
+                      "| row | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+            lines += [f"| {r['row']} | " + " | ".join(f"{r['ort_profile_b32_ms'].get(k, 0):.2f}" for k in keys) + " |"
+                      for r in profiled]
         lines += ["", "Peers as run:", ""]
         seen = set()
         for r in res["rows"]:
