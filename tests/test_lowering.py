@@ -43,3 +43,17 @@ def test_lowered_artifact_agrees_with_pytorch(digits_hybrid, tmp_path, target, s
         if target != "tensorrt":  # read back from the runtime: every int8 layer runs in its integer kernels
             fast = report["contents"]["fast_path"]
             assert fast["quantized"] > 0 and fast["integer"] == fast["quantized"] and not fast["float"], fast
+
+
+def test_a_quantized_layer_the_runtime_runs_in_float_is_a_warning_and_a_note():
+    from hpqdeploy.export import _warn_float_fallbacks
+
+    notes: list[str] = []
+    with pytest.warns(UserWarning, match=r"1 of 3 int8 layer\(s\) run in float on onnxruntime: linear"):
+        _warn_float_fallbacks("onnxruntime", {"quantized": 3, "integer": 2, "float": ["linear"]}, notes)
+    assert notes == ["2 of 3 int8 layer(s) run in onnxruntime's integer kernels (read back from the runtime)"]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_float_fallbacks("openvino", {"quantized": 3, "integer": 3, "float": []}, notes)

@@ -166,3 +166,19 @@ def test_the_runtime_quantizes_exactly_the_tensors_pytorch_quantizes(digits_quan
     assert found == expected
     fast = contents["fast_path"]
     assert fast["quantized"] > 0 and fast["integer"] == fast["quantized"] and not fast["float"], fast
+
+
+def test_the_onnxruntime_read_back_sees_a_layer_left_in_float(digits_quant, tmp_path):
+    """Read against the graph as written (DequantizeLinear -> Conv, no fusion), every static int8 convolution shows
+    as a float fallback: the read-back can tell the two apart."""
+    onnx = pytest.importorskip("onnx")
+    from hpqdeploy.export import ExportOptions, run_export
+    from hpqdeploy.lower.onnxruntime_rt import fast_path, static_int8_layers
+
+    run_export(digits_quant, tmp_path / "ort", ExportOptions("onnxruntime", eval_limit=32), quiet=True)
+    graph = onnx.load(str(tmp_path / "ort" / "model.onnx")).graph
+    layers = static_int8_layers(graph)
+    written = fast_path(layers, graph)
+    convs = [name for name in layers if written["by_layer"][name] != "MatMulIntegerToFloat"]
+    assert convs and sorted(convs) == written["float"]
+    assert all(written["by_layer"][name] == "Conv (float)" for name in convs)
