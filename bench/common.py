@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import subprocess
 import sys
 import time
@@ -60,9 +61,13 @@ def export(runs: Path, model: str, source: str, runtime: str, mixed: str = "spli
     return out
 
 
-def round_robin(sessions: dict, inputs, iters: int, repeats: int, warmup: int) -> dict[str, list[list[float]]]:
+def round_robin(sessions: dict, inputs, iters: int, repeats: int, warmup: int, shuffle: bool = False
+                ) -> dict[str, list[list[float]]]:
     """Seconds per call of every session, called in turn on `inputs` (so all see the same machine state), in
-    `repeats` separate passes of `iters` calls each, after `warmup` calls each."""
+    `repeats` separate passes of `iters` calls each, after `warmup` calls each. `shuffle` calls them in a new
+    (seeded) order each round, so no session always runs right after the same other one: a large model run just
+    before a small one leaves it cold caches, which at batch 1 is a large part of a call."""
+    order = random.Random(0)
     for s in sessions.values():
         for _ in range(warmup):
             s(inputs)
@@ -71,7 +76,11 @@ def round_robin(sessions: dict, inputs, iters: int, repeats: int, warmup: int) -
         for k in sessions:
             passes[k].append([])
         for _ in range(iters):
-            for k, s in sessions.items():
+            keys = list(sessions)
+            if shuffle:
+                order.shuffle(keys)
+            for k in keys:
+                s = sessions[k]
                 t = time.perf_counter()
                 s(inputs)
                 passes[k][-1].append(time.perf_counter() - t)

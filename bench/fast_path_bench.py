@@ -70,6 +70,8 @@ def measure(model: str, runs: Path, iters: dict[int, int], repeats: int) -> list
                    "bytes": artifact_bytes(d, rt), "notes": meta.get("notes", [])}
             if tool == "hpqdeploy":
                 row["accuracy_pytorch"] = meta.get("accuracy_pytorch")
+                row["accuracy_pytorch_legalized"] = meta.get("accuracy_pytorch_legalized")
+                row["legalization_changes"] = len(meta.get("legalization", []))
                 row["fast_path"] = meta.get("contents", {}).get("fast_path")
             else:
                 row["summary"] = meta.get("summary", "")
@@ -85,7 +87,7 @@ def measure(model: str, runs: Path, iters: dict[int, int], repeats: int) -> list
                     d = runs / "export" / model / f"{r['row'].split()[-1]}-onnxruntime" if r["tool"] == "hpqdeploy" \
                         else peer_dir(runs, model, r["tool"], "onnxruntime")
                     r["ort_profile_b32_ms"] = ort_time_by_resolution(d / "model.onnx", inputs)
-        passes = round_robin(sessions, inputs, iters[batch], repeats, warmup=5)
+        passes = round_robin(sessions, inputs, iters[batch], repeats, warmup=5, shuffle=True)
         for r in rows:
             if r.get("key") in passes:
                 runs_ = passes[r["key"]]
@@ -164,25 +166,30 @@ def markdown(blob: dict) -> str:
     lines = [machine_markdown(blob["machine"]), "",
              f"Made by `{blob['command']}` ({blob['seconds']} s). Every row evaluated inside its runtime on the "
              "full evaluation split; bytes are the model files a deployment ships (ExecuTorch: the batch-1 program). "
-             f"Latency: median of all calls at batch 1 and batch 32, every artifact of a model timed round-robin in "
-             f"{blob['repeats']} passes ({blob['iters']['1']} / {blob['iters']['32']} calls per pass), one thread "
+             f"Latency: median of all calls at batch 1 and batch 32, every artifact of a model timed round-robin (in a new seeded order each round, so none always "
+             f"follows the same one) in {blob['repeats']} passes ({blob['iters']['1']} / {blob['iters']['32']} calls per pass), one thread "
              "per runtime; per-pass medians in the JSON. The peers quantize the same fp32 baseline in the same run "
              "and calibrate on the same examples as the plan. `int layers`: the export's read-back of the layers "
-             "the runtime runs in integer kernels (of those the plan quantized).", ""]
+             "the runtime runs in integer kernels (of those the plan quantized). `PyTorch`: the compressed model as "
+             "compress wrote it; `PyTorch legalized`: the same after export raised or regrouped what the runtime "
+             "does not execute (the runtime computes this one).", ""]
     for model, res in blob["results"].items():
         lines += [f"### {model}", "", f"Runs: `{res['runs']}` ({res['budget']}).", "",
-                  "| row | runtime | accuracy | PyTorch | bytes | b1 ms | b32 ms | b1 vs peer | b32 vs peer | "
-                  "int layers |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| row | runtime | accuracy | PyTorch | PyTorch legalized | bytes | b1 ms | b32 ms | b1 vs peer | "
+                  "b32 vs peer | int layers |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         peers = {r["runtime"]: r for r in res["rows"] if r["row"] == PEERS[model].get(r["runtime"])}
         for r in res["rows"]:
             if "accuracy" not in r:
-                lines.append(f"| {r['row']} | {r['runtime']} | {r['missing']} | | | | | | | |")
+                lines.append(f"| {r['row']} | {r['runtime']} | {r['missing']} | | | | | | | | |")
                 continue
             p = peers.get(r["runtime"], {})
             vs = [f"{p[f'b{b}_p50_ms'] / r[f'b{b}_p50_ms']:.2f}x" if f"b{b}_p50_ms" in p and f"b{b}_p50_ms" in r
                   else "" for b in BATCHES]
-            torch_acc = f"{100 * r['accuracy_pytorch']:.2f}%" if r.get("accuracy_pytorch") is not None else ""
-            lines.append(f"| {r['row']} | {r['runtime']} | {100 * r['accuracy']:.2f}% | {torch_acc} | "
+            torch_acc, legal_acc = (f"{100 * r[k]:.2f}%" if r.get(k) is not None else ""
+                                    for k in ("accuracy_pytorch", "accuracy_pytorch_legalized"))
+            if r.get("legalization_changes"):
+                legal_acc += f" ({r['legalization_changes']} changes)"
+            lines.append(f"| {r['row']} | {r['runtime']} | {100 * r['accuracy']:.2f}% | {torch_acc} | {legal_acc} | "
                          f"{r['bytes']:,} | {r.get('b1_p50_ms', '')} | {r.get('b32_p50_ms', '')} | {vs[0]} | {vs[1]} | "
                          f"{_fast_path_text(r)} |")
         lines += ["", "| runtime | method | goal | measured | met |", "|---|---|---|---|---|"]

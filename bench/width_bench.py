@@ -184,7 +184,9 @@ def markdown(blob: dict) -> str:
              f"`{blob['isa_family']}`. Median ms per call, every width of one runtime, layer kind and precision timed "
              f"round-robin ({blob['repeats']} passes of {blob['iters']} calls), one thread. A multiple is fast when "
              f"no width that is a multiple of it takes longer than a larger one in every pass (by more than "
-             f"{blob['tolerance']:.0%}). The runtime's multiple is the largest over precisions and batch sizes.",
+             f"{blob['tolerance']:.0%}). The runtime's multiple is the largest over precisions and batch sizes; "
+             "`targets/<runtime>.toml` records its conv multiple for this ISA family under `[channel_multiple_by_isa]` "
+             "(a CNN's channel groups are convolution widths).",
              ""]
     for r in blob["results"]:
         widths = r["widths"]
