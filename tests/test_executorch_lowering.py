@@ -20,7 +20,8 @@ from hpqdeploy import artifact  # noqa: E402
 from hpqdeploy.errors import UserError  # noqa: E402
 from hpqdeploy.export import ExportOptions, run_export  # noqa: E402
 from hpqdeploy.lower.base import LoweringContext, get_runtime  # noqa: E402
-from hpqdeploy.lower.executorch_quant import DYNAMIC, STATIC, WEIGHT_ONLY, apply_torchao, float_twin  # noqa: E402
+from hpqdeploy.lower.executorch_quant import (DYNAMIC, STATIC, WEIGHT_ONLY, apply_torchao, float_twin,  # noqa: E402
+                                              selection_layers)
 from hpqdeploy.lower.pte_reader import xnnpack_constants  # noqa: E402
 from hpqdeploy.lower.legalize import SplitEmbedding, legalize  # noqa: E402
 from hpqdeploy.models.cifar_resnet import ChannelMapShortcut  # noqa: E402
@@ -54,10 +55,11 @@ def test_resnet_artifact_holds_the_plans_integer_weights_and_scales(resnet_hybri
     source, out, _ = resnet_hybrid
     legal = copy.deepcopy(artifact.load(source).model.module).eval()
     legalize(legal, TARGET)
-    _, plans, _ = float_twin(legal)  # BN folded: the plan's integers, its scales times |gamma / sigma|
-    # (the classifier runs with dynamic activations in the artifact; its int8 weights are the plan's all the same)
+    twin, plans, _ = float_twin(legal)  # BN folded: the plan's integers, its scales times |gamma / sigma|
+    # (the classifier runs with dynamic activations in the artifact; its int8 weights are the plan's all the same;
+    # the shortcuts' one-hot channel selections run int8 beside them)
     stored = [c for c in xnnpack_constants(out / "model_b1.pte") if c.precision == "int8 per-channel"]
-    assert len(stored) == sum(p.role == STATIC for p in plans.values())
+    assert len(stored) == sum(p.role == STATIC for p in plans.values()) + len(selection_layers(twin))
     for name, plan in plans.items():
         ints, scales = plan.params.int_weight.numpy(), plan.params.scales.flatten().numpy()
         layouts = [ints.transpose(0, 2, 3, 1), ints.transpose(1, 2, 3, 0)] if ints.ndim == 4 else [ints]
