@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import math
+import random
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -172,6 +174,61 @@ def attention_taps(model: nn.Module, teacher: nn.Module | None, cfg: TrainConfig
         yield student, taught
 
 
+def option_name(key: str) -> str:
+    """A setting's command-line spelling: `prune_ratio` -> `--prune-ratio`, `train.lr` -> `--lr`."""
+    return "--" + key.rsplit(".", 1)[-1].replace("_", "-")
+
+
+def refuse_changed_options(saved: dict | None, current: dict, what: str) -> None:
+    """A run resumes only with the options it was started with: anything else would mix two runs' decisions."""
+    if saved is None:
+        return
+    flat_saved, flat_now = _flatten(saved), _flatten(current)
+    changed = [k for k in flat_now if k in flat_saved and flat_saved[k] != flat_now[k]]
+    if changed:
+        diffs = ", ".join(f"{option_name(k)} {_show(flat_saved[k])} (now {_show(flat_now[k])})" for k in changed)
+        raise UserError(f"--resume: {what} was started with {diffs}; resume with the same options, or start anew "
+                        "without --resume")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def _show(v) -> str:
+    return " ".join(str(x) for x in v) if isinstance(v, list) else str(v)
+
+
+def random_state(data: DataLoader) -> dict:
+    """Every random generator the next epoch draws from: torch's (augmentation, dropout, mixup), the data loader's
+    own (the shuffle order), numpy's and Python's. A run resumed from it continues as the uninterrupted run would."""
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+             "numpy_pos": [int(np_state[2]), int(np_state[3]), float(np_state[4])],
+             "python": [list(random.getstate()[1]), random.getstate()[2]]}
+    generator = getattr(data, "generator", None)  # a DataLoader's shuffle order (any iterable of batches works)
+    if generator is not None:
+        state["loader"] = generator.get_state()
+    return state
+
+
+def restore_random_state(state: dict, data: DataLoader) -> None:
+    torch.set_rng_state(state["torch"])
+    pos, has_gauss, gauss = state["numpy_pos"]
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), int(pos), int(has_gauss), gauss))
+    version = random.getstate()[0]
+    random.setstate((version, tuple(state["python"][0]), state["python"][1]))
+    generator = getattr(data, "generator", None)
+    if "loader" in state and generator is not None:
+        generator.set_state(state["loader"])
+
+
 @subnormals_flushed()
 def finetune(model: nn.Module, data: DataLoader, cfg: TrainConfig, checkpoint: Path | None = None,
              resume: bool = False, quiet: bool = False, teacher: nn.Module | None = None,
@@ -204,10 +261,13 @@ def finetune(model: nn.Module, data: DataLoader, cfg: TrainConfig, checkpoint: P
         used = state.get("optimizer_name", "adam")  # checkpoints from before --optimizer are Adam's
         if used != cfg.optimizer:
             raise UserError(f"--resume: {checkpoint} was trained with --optimizer {used}, not {cfg.optimizer}")
+        refuse_changed_options(state.get("config"), asdict(cfg), str(checkpoint))
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         start, history = int(state["epoch"]), list(state.get("history", []))
+        if "random" in state:
+            restore_random_state(state["random"], data)
     with attention_taps(model, teacher, cfg) as taps, progress(quiet) as bar:
         for epoch in range(start, span.stop):
             model.train()
@@ -238,6 +298,6 @@ def finetune(model: nn.Module, data: DataLoader, cfg: TrainConfig, checkpoint: P
                 tmp = checkpoint.with_suffix(".tmp")
                 torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                             "optimizer_name": cfg.optimizer, "scheduler": sched.state_dict(), "epoch": epoch + 1,
-                            "history": history}, tmp)
+                            "history": history, "random": random_state(data), "config": asdict(cfg)}, tmp)
                 tmp.replace(checkpoint)
     return history

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import shutil
 import time
@@ -17,7 +18,7 @@ from hpqdeploy.bitalloc import LayerBits, check_bits, low_bit_share, plan_bits
 from hpqdeploy.data import DataRequest, Splits, load_data
 from hpqdeploy.denormals import subnormals_flushed
 from hpqdeploy.errors import UserError
-from hpqdeploy.finetune import TrainConfig, evaluate, finetune, loader
+from hpqdeploy.finetune import TrainConfig, evaluate, finetune, loader, refuse_changed_options
 from hpqdeploy.hooks import forward
 from hpqdeploy.importance import CRITERIA
 from hpqdeploy.metrics import count_macs, count_params, param_breakdown, weight_bytes
@@ -131,6 +132,7 @@ def run_train(model_name: str, data: DataOptions, out: Path, cfg: TrainConfig, w
     """Step 1 of the plan: a baseline, trained or fine-tuned, with its accuracy and size recorded."""
     artifact.check_output(out)
     cfg.validate()
+    torch.manual_seed(cfg.seed)  # before the model is built: a model without pretrained weights starts from it
     splits = load_data(data.name, data.request(cfg.seed))
     info = splits.info
     if (Path(model_name) / "plan.json").is_file():  # a saved artifact of this tool: keep training it
@@ -227,12 +229,15 @@ def run_compress(baseline_dir: Path, out: Path, opts: CompressOptions, data: Dat
     try:
         analysis = work / "analysis.pt"
         saved = torch.load(analysis, weights_only=True) if resume and analysis.exists() else {}
+        options = {**asdict(opts), "data": asdict(data)}
+        if "options" in saved:  # the decisions below were made with these; other options would mix two runs
+            refuse_changed_options(json.loads(saved["options"]), options, f"{out}")
         if "pruning" in saved:  # reuse the decisions the interrupted run made, then its checkpoints
             pruning = [GroupDecision.from_json(d) for d in saved["pruning"]]
         elif opts.method in ("hybrid", "prune"):
             pruning = plan_pruning(model, loaded.example_inputs, calib, opts.prune_ratio,
                                    _pruning_multiple(loaded, opts, target), opts.importance)
-        torch.save({"pruning": [d.to_json() for d in pruning]}, analysis)
+        torch.save({"pruning": [d.to_json() for d in pruning], "options": json.dumps(options)}, analysis)
         cut = any(d.removed for d in pruning)
         fade = opts.fade_epochs() if cut else 0
         history, fade_seconds = saved.get("fade_history", []), time.time()
@@ -250,7 +255,7 @@ def run_compress(baseline_dir: Path, out: Path, opts: CompressOptions, data: Dat
         elif opts.method in ("hybrid", "quant"):
             quant_plan = plan_bits(copy.deepcopy(model), calib, target, tuple(opts.bits), opts.low_bit_share,
                                    opts.importance, opts.act_bits)
-        torch.save({"pruning": [d.to_json() for d in pruning], "fade_history": history,
+        torch.save({"pruning": [d.to_json() for d in pruning], "fade_history": history, "options": json.dumps(options),
                     "quant": {n: asdict(lb) for n, lb in quant_plan.items()}}, analysis)
         macs = count_macs(model, loaded.example_inputs)
         points = _attach_quantizers(loaded, quant_plan, calib, target)

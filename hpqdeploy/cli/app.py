@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -252,15 +253,46 @@ def _baseline_data(baseline: Path) -> dict:
         raise UserError(f"{plan} is corrupt ({exc})") from None
 
 
+class Terminated(Exception):
+    """SIGTERM, raised in the main thread so that the command unwinds as it does on Ctrl-C."""
+
+
+def _terminate(_signum, _frame) -> None:
+    raise Terminated()
+
+
+RESUMABLE = ("train", "compress")
+
+
+def _interrupted(code: int) -> None:
+    """One line, and the shell's exit code for the signal (130 SIGINT, 143 SIGTERM); the output directory is only
+    ever complete when renamed into place, so what is left is a `.partial` directory."""
+    command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
+    if command in RESUMABLE:
+        hint = "the last finished epoch is kept; run the same command with --resume to continue"
+    elif command == "experiment":
+        hint = "run the same command again to continue from the last finished step"
+    else:
+        hint = "nothing was written; run the command again"
+    console.print(f"interrupted: {hint}", highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # typer turns Ctrl-C into Exit(130), which it *returns* in this mode
+        if code == 130:
+            _interrupted(130)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except UserError as exc:
         console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except (typer.Abort, KeyboardInterrupt):
-        console.print("aborted")
-        sys.exit(130)
+        _interrupted(130)
+    except Terminated:
+        _interrupted(143)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except ClickException as exc:  # usage errors: typer raises its own bundled click's exceptions
