@@ -47,9 +47,15 @@ def partial_dir(out: Path) -> Path:
     return out.with_name(out.name + ".partial")
 
 
-def check_output(out: Path, overwrite: bool = False) -> None:
-    if out.exists() and not overwrite:
-        raise UserError(f"output directory {out} exists; choose another -o or pass --overwrite")
+def check_output(out: Path) -> None:
+    """Before any work: the output directory must not exist, and its parents must be directories (or not yet)."""
+    if out.exists():
+        raise UserError(f"output directory {out} exists; choose another -o, or remove it first")
+    for parent in Path(out).parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UserError(f"cannot write {out}: {parent} is a file, not a directory")
+            break
 
 
 def describe_quantization(model: nn.Module) -> dict[str, dict]:

@@ -40,6 +40,8 @@ def _layer_precisions(kind: str, target: Target, requested: tuple[int, ...]) -> 
 def check_bits(bits: tuple[int, ...]) -> None:
     if not bits or any(b not in range(2, 9) for b in bits):
         raise UserError(f"--bits must be weight bit widths between 2 and 8, got {list(bits)}")
+    if len(set(bits)) > 2:
+        raise UserError(f"--bits takes one or two widths (the important channels' and the others'), got {list(bits)}")
 
 
 def plan_bits(model: nn.Module, calib: list, target: Target, bits: tuple[int, ...], low_share: float,

@@ -39,6 +39,14 @@ class DataOptions:
     train_limit: int | None = None
     eval_limit: int | None = None
 
+    def validate(self) -> None:
+        """Bounds checked before any work starts (a calibration split is what compress measures importance on)."""
+        if self.calib_size < 1:
+            raise UserError(f"--calib-size must be >= 1 (the examples held out to calibrate on), got {self.calib_size}")
+        for flag, value in (("--train-limit", self.train_limit), ("--eval-limit", self.eval_limit)):
+            if value is not None and value < 1:
+                raise UserError(f"{flag} must be >= 1 (or left out for all), got {value}")
+
     def request(self, seed: int) -> DataRequest:
         return DataRequest(Path(self.data_dir) if self.data_dir else None, seed, self.calib_size,
                            self.train_limit, self.eval_limit)
@@ -71,6 +79,8 @@ class CompressOptions:
             raise UserError(f"unknown importance criterion {self.importance!r}; choose one of {', '.join(CRITERIA)}")
         if self.method != "prune":
             check_bits(tuple(self.bits))
+            if not 0.0 <= self.low_bit_share <= 1.0:
+                raise UserError(f"--low-bit-share must be within [0, 1], got {self.low_bit_share}")
         if not 0.0 <= self.fade < 1.0:
             raise UserError(f"--fade must be in [0, 1), got {self.fade}")
         if self.reconstruct and self.fade > 0:
@@ -111,9 +121,16 @@ def _check_recipe(loaded: LoadedModel, cfg: TrainConfig) -> None:
                       "1e-4)", stacklevel=2)
 
 
+def check_modality(loaded: LoadedModel, splits: Splits) -> None:
+    if loaded.modality != splits.info.modality:
+        raise UserError(f"{loaded.spec.name} is a{'n' if loaded.modality == 'image' else ''} {loaded.modality} model; "
+                        f"{splits.info.name} is {splits.info.modality} data")
+
+
 @torch.no_grad()
 def _check_compatible(loaded: LoadedModel, splits: Splits) -> None:
     """One forward pass on two real examples before anything is written: shape mismatches fail here, clearly."""
+    check_modality(loaded, splits)
     inputs, _ = loaded.collate([splits.eval[i] for i in range(min(2, len(splits.eval)))])
     loaded.module.eval()
     try:
@@ -132,6 +149,7 @@ def run_train(model_name: str, data: DataOptions, out: Path, cfg: TrainConfig, w
     """Step 1 of the plan: a baseline, trained or fine-tuned, with its accuracy and size recorded."""
     artifact.check_output(out)
     cfg.validate()
+    data.validate()
     torch.manual_seed(cfg.seed)  # before the model is built: a model without pretrained weights starts from it
     splits = load_data(data.name, data.request(cfg.seed))
     info = splits.info
@@ -208,11 +226,13 @@ def run_compress(baseline_dir: Path, out: Path, opts: CompressOptions, data: Dat
     if base.plan.get("method") != "baseline":
         raise UserError(f"{baseline_dir} is a {base.plan.get('method')} artifact; compress a `hpqdeploy train` output")
     data = data or DataOptions(**base.plan["data"])
+    data.validate()
     cfg = opts.train
     torch.manual_seed(cfg.seed)
     splits = load_data(data.name, data.request(cfg.seed))
     loaded = base.model
     model = loaded.module
+    check_modality(loaded, splits)
     _check_recipe(loaded, cfg)
     train, evaluation, calib = _data_loaders(loaded, splits, cfg, opts.calib_batches)
     work = artifact.partial_dir(out)

@@ -43,6 +43,7 @@ def _bad_inputs_in(tmp_path: Path) -> None:
     _akamaster_checkpoint(tmp_path / "resnet56.th", 56)
 
 
+SHARED_SST2 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sst2"
 TRAIN = ["train", "resnet20", "--data", "digits", "--calib-size", "32", "--train-limit", "64", "--eval-limit", "32",
          "--epochs", "0", "--quiet", "-o", "out"]
 
@@ -86,6 +87,16 @@ MORE_BAD_INPUTS = {
     "unknown optimizer": (["compress", "{baseline}", "-o", "out", "--optimizer", "lamb"], "--optimizer"),
     "dropout on an image model": (_train("--dropout", "0.1"), "not a text model"),
     "hybrid with bits 9": (["compress", "{baseline}", "-o", "out", "--bits", "9", "--epochs", "0"], "--bits"),
+    "three bit widths": (["compress", "{baseline}", "-o", "out", "--bits", "8", "--bits", "4", "--bits", "2"],
+                         "--bits takes one or two widths"),
+    "train limit 0": (_train("--train-limit", "0"), "--train-limit must be >= 1"),
+    "eval limit 0": (_train("--eval-limit", "0"), "--eval-limit must be >= 1"),
+    "calib size 0": (_train("--calib-size", "0"), "--calib-size must be >= 1"),
+    "batch size 0": (_train("--batch-size", "0"), "--batch-size"),
+    "compress train limit 0": (["compress", "{baseline}", "-o", "out", "--train-limit", "0"], "--train-limit"),
+    "output under a file": (_train("-o", "empty.th/out"), "empty.th is a file, not a directory"),
+    "image model, text data": (["train", "resnet8", "--data", "sst2", "--data-dir", str(SHARED_SST2), "-o", "out"],
+                               "resnet8 is an image model; sst2 is text data"),
 }
 
 
@@ -134,7 +145,7 @@ def test_existing_output_is_not_touched(workdir, digits_baseline, tmp_path):
     (out / "mine.txt").write_text("keep")
     result = hpqdeploy("compress", str(digits_baseline), "-o", str(out), "--epochs", "0", cwd=workdir)
     assert result.returncode == 2
-    assert result.stderr.strip().startswith("error: output directory") and "--overwrite" in result.stderr
+    assert result.stderr.strip().startswith("error: output directory") and "remove it first" in result.stderr
     assert [p.name for p in out.iterdir()] == ["mine.txt"]
 
 
