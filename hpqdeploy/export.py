@@ -42,6 +42,18 @@ class ExportOptions:
     data_dir: str | None = None
     overflow_fix: str = "auto"  # auto: keep int8 kernels exact where they would saturate on this CPU (no VNNI)
 
+    def validate(self) -> None:
+        if self.mixed not in MIXED_MODES:
+            raise UserError(f"--mixed must be one of {', '.join(MIXED_MODES)}, got {self.mixed!r}")
+        if self.overflow_fix not in OVERFLOW_FIX:
+            raise UserError(f"--overflow-fix must be one of {', '.join(OVERFLOW_FIX)}, got {self.overflow_fix!r}")
+        for flag, value in (("--batch-size", self.batch_size), ("--threads", self.threads),
+                            ("calibration batches", self.calib_batches)):
+            if value < 1:
+                raise UserError(f"{flag} must be >= 1, got {value}")
+        if self.eval_limit is not None and self.eval_limit < 1:
+            raise UserError(f"--eval-limit must be >= 1 (or left out for all), got {self.eval_limit}")
+
 
 def fixed_collate(loaded):
     if loaded.modality == "text":
@@ -65,10 +77,7 @@ def _pad(inputs, batch: int):
 
 
 def run_export(artifact_dir: Path, out: Path, opts: ExportOptions, quiet: bool = False, command: str = "") -> dict:
-    if opts.mixed not in MIXED_MODES:
-        raise UserError(f"--mixed must be one of {', '.join(MIXED_MODES)}, got {opts.mixed!r}")
-    if opts.overflow_fix not in OVERFLOW_FIX:
-        raise UserError(f"--overflow-fix must be one of {', '.join(OVERFLOW_FIX)}, got {opts.overflow_fix!r}")
+    opts.validate()
     runtime = get_runtime(opts.target)
     if opts.overflow_fix == "on" and not runtime.int8_pairs_saturate:
         raise UserError(f"--overflow-fix on: {runtime.name}'s int8 kernels do not saturate, nothing to fix")

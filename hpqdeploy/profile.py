@@ -13,6 +13,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import math
 import shutil
 import statistics
 import subprocess
@@ -52,8 +53,8 @@ class ProfileOptions:
     def validate(self) -> None:
         if self.batch_size < 1 or self.threads < 1 or self.iters < 1 or self.repeats < 1:
             raise UserError("--batch-size, --threads, --iters and --repeats must be >= 1")
-        if self.warmup < 0 or self.min_seconds < 0 or self.idle_seconds < 0:
-            raise UserError("--warmup, --min-seconds and --idle-seconds must be >= 0")
+        if self.warmup < 0 or not (0 <= self.min_seconds < math.inf) or not (0 <= self.idle_seconds < math.inf):
+            raise UserError("--warmup must be >= 0, --min-seconds and --idle-seconds finite and >= 0")
 
 
 def latency_stats(times_ms: list[float], batch: int) -> dict:

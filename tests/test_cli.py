@@ -153,6 +153,8 @@ def test_usage_error_is_one_line(workdir):
     result = hpqdeploy("compress", cwd=workdir)  # the BASELINE argument is missing
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "BASELINE" in result.stderr or "baseline" in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: ") and "--help" in line
 
 
 @pytest.mark.parametrize("name", ["w[minilm].th", "w[/x].th"])

@@ -295,6 +295,9 @@ def main() -> None:
         _interrupted(143)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except ClickException as exc:  # usage errors: typer raises its own bundled click's exceptions
-        exc.show()
+    except ClickException as exc:  # usage errors (typer raises its own bundled click's exceptions): one line too
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
+        message = " ".join(exc.format_message().split())
+        console.print(f"[red]error:[/red] {escape(message)}{hint}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
