@@ -87,6 +87,10 @@ MORE_BAD_INPUTS = {
     "unknown optimizer": (["compress", "{baseline}", "-o", "out", "--optimizer", "lamb"], "--optimizer"),
     "dropout on an image model": (_train("--dropout", "0.1"), "not a text model"),
     "hybrid with bits 9": (["compress", "{baseline}", "-o", "out", "--bits", "9", "--epochs", "0"], "--bits"),
+    "factory not importable": (["train", "nosuch_pkg_xyz.models:build", "--data", "digits", "-o", "out"],
+                               "must be importable from here (on PYTHONPATH, or an installed package)"),
+    "factory without the function": (["train", "json:no_such_fn", "--data", "digits", "-o", "out"],
+                                     "module json has no function 'no_such_fn'"),
     "three bit widths": (["compress", "{baseline}", "-o", "out", "--bits", "8", "--bits", "4", "--bits", "2"],
                          "--bits takes one or two widths"),
     "train limit 0": (_train("--train-limit", "0"), "--train-limit must be >= 1"),
@@ -235,3 +239,21 @@ def test_cli_reconstruct_refits_and_records(tmp_path, digits_baseline):
     assert metrics["reconstruction"] and metrics == artifact.load(out).metrics
     assert all(r["error_after"] < r["error_before"] for r in metrics["reconstruction"].values())
     assert artifact.load(out).provenance["config"]["reconstruct"] is True
+
+
+def test_the_export_table_says_which_runtime_the_accuracy_comes_from():
+    """TensorRT without a GPU: the Q/DQ graph is evaluated in ONNX Runtime, and the table says so."""
+    from rich.console import Console
+
+    from hpqdeploy.cli.tables import export_table
+
+    report = {"method": "hybrid", "runtime": "tensorrt", "session": {"runtime": "onnxruntime"}, "accuracy": 0.9,
+              "accuracy_pytorch": 0.91, "top1_agreement": 0.99, "max_abs_diff": 0.1, "bytes_on_disk": 10,
+              "legalization": []}
+    console = Console(width=200, record=True)
+    console.print(export_table(report))
+    text = console.export_text()
+    assert "evaluated in onnxruntime" in text and "accuracy (onnxruntime)" in text
+    console = Console(width=200, record=True)
+    console.print(export_table({**report, "runtime": "onnxruntime"}))
+    assert "evaluated in" not in console.export_text()

@@ -32,8 +32,12 @@ def comparison_markdown(results: list[dict]) -> str:
 
 
 def export_table(report: dict) -> Table:
-    table = Table(title=f"{report['method']} → {report['runtime']}")
-    for c in ("accuracy (runtime)", "accuracy (PyTorch)", "top-1 agreement", "max |Δlogit|", "bytes on disk",
+    evaluated_in = report.get("session", {}).get("runtime", report["runtime"])
+    title = f"{report['method']} → {report['runtime']}"
+    if evaluated_in != report["runtime"]:  # TensorRT without a GPU: its Q/DQ graph run in another runtime
+        title += f" (evaluated in {evaluated_in}: {report['runtime']} cannot run here)"
+    table = Table(title=title)
+    for c in (f"accuracy ({evaluated_in})", "accuracy (PyTorch)", "top-1 agreement", "max |Δlogit|", "bytes on disk",
               "legalized"):
         table.add_column(c, justify="right")
     table.add_row(f"{100 * report['accuracy']:.2f}%", f"{100 * report['accuracy_pytorch']:.2f}%",

@@ -146,9 +146,13 @@ def rebuild_model(spec: ModelSpec) -> LoadedModel:
 def call_factory(target: str, **kwargs) -> nn.Module:
     module_name, _, fn_name = target.partition(":")
     try:
-        fn = getattr(importlib.import_module(module_name), fn_name)
-    except (ImportError, AttributeError) as exc:
-        raise UserError(f"cannot import model factory {target!r}: {exc}") from None
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UserError(f"cannot import model factory {target!r}: {exc}; its module must be importable from here "
+                        "(on PYTHONPATH, or an installed package)") from None
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise UserError(f"cannot import model factory {target!r}: module {module_name} has no function {fn_name!r}")
     accepted = inspect.signature(fn).parameters
     model = fn(**{k: v for k, v in kwargs.items() if k in accepted})
     if not isinstance(model, nn.Module):
