@@ -411,3 +411,20 @@ def test_weights_from_safetensors_continue_a_baseline(tmp_path):
         load_model("resnet8", num_classes=10, weights=bad)
     with pytest.raises(UserError, match="does not fit resnet20"):
         load_model("resnet20", num_classes=10, weights=tmp_path / "model.safetensors")
+
+
+def test_a_local_model_whose_head_has_other_labels_is_a_one_line_error(tiny_text_setup, tmp_path):
+    """A local Hugging Face model trained for 3 labels, given 2-class data: refused before anything is written."""
+    from transformers import BertForSequenceClassification
+
+    hf_dir, data_dir = tiny_text_setup
+    three = tmp_path / "three-labels"
+    shutil.copytree(hf_dir, three)
+    model = BertForSequenceClassification.from_pretrained(str(hf_dir), num_labels=3, ignore_mismatched_sizes=True)
+    model.save_pretrained(str(three))
+    data = DataOptions("sst2", data_dir=str(data_dir), calib_size=16)
+    with pytest.raises(UserError, match="classification head has 3 labels; the data has 2 classes") as exc:
+        run_train(str(three), data, tmp_path / "out", TrainConfig(epochs=0, batch_size=16), max_length=16,
+                  quiet=True)
+    assert "\n" not in str(exc.value)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()

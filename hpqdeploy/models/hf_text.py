@@ -61,13 +61,26 @@ def build(name: str, num_classes: int, pretrained: bool, config: dict | None = N
         else:
             cfg = AutoConfig.from_pretrained(source, num_labels=num_classes)
             _set_head_dropout(cfg, classifier_dropout)
-            model = AutoModelForSequenceClassification.from_pretrained(source, config=cfg) if pretrained \
+            model = _from_pretrained(name, source, cfg, num_classes) if pretrained \
                 else AutoModelForSequenceClassification.from_config(cfg)
     except OSError as exc:
         hint = " (offline: HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
         raise UserError(f"cannot load Hugging Face model {name!r}{hint}: not in the local cache and the hub is "
                         f"unreachable; pass a local model directory ({str(exc).splitlines()[0][:120]})") from None
     return TextClassifier(model), tokenizer
+
+
+def _from_pretrained(name: str, source: str, cfg, num_classes: int):
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(source, config=cfg)
+    except RuntimeError as exc:
+        if "ignore_mismatched_sizes" not in str(exc):
+            raise
+        labels = AutoConfig.from_pretrained(source).num_labels
+        raise UserError(f"{name}: its classification head has {labels} labels; the data has {num_classes} classes "
+                        f"(fine-tune its base model, or give it data with {labels} classes)") from None
 
 
 def _set_head_dropout(cfg, p: float) -> None:
