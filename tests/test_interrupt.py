@@ -55,17 +55,21 @@ def test_a_signal_ends_the_run_with_its_exit_code_and_one_line(tmp_path, sig, co
     assert not out.exists() and (tmp_path / "baseline.partial" / "train.ckpt").is_file()  # nothing complete-looking
 
 
-def test_train_killed_then_resumed_equals_the_uninterrupted_run(tmp_path):
-    args = [*TRAIN, "--epochs", "40"]
+def _killed_and_resumed(args: list[str], tmp_path: Path, checkpoint: str) -> tuple[Path, Path]:
+    """The command run whole into `whole/`, and into `again/` killed (SIGKILL) after an epoch, then resumed."""
     whole = _run([*args, "-o", str(tmp_path / "whole")])
     assert whole.returncode == 0, whole.stderr[-2000:]
-    killed = _start_and_stop([*args, "-o", str(tmp_path / "again")], tmp_path / "again.partial" / "train.ckpt",
+    killed = _start_and_stop([*args, "-o", str(tmp_path / "again")], tmp_path / "again.partial" / checkpoint,
                              signal.SIGKILL)
     assert killed.returncode == -signal.SIGKILL
     resumed = _run([*args, "-o", str(tmp_path / "again"), "--resume"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a, b = (tmp_path / d / "model.safetensors" for d in ("whole", "again"))
-    assert a.read_bytes() == b.read_bytes()
+    return tmp_path / "whole", tmp_path / "again"
+
+
+def test_train_killed_then_resumed_equals_the_uninterrupted_run(tmp_path):
+    a, b = _killed_and_resumed([*TRAIN, "--epochs", "40"], tmp_path, "train.ckpt")
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
 
 
 def test_compress_resumed_with_other_options_is_refused(tmp_path):
@@ -85,14 +89,7 @@ def test_compress_resumed_with_other_options_is_refused(tmp_path):
 def test_compress_killed_then_resumed_equals_the_uninterrupted_run(tmp_path):
     base = tmp_path / "baseline"
     assert _run([*TRAIN, "--epochs", "1", "-o", str(base)]).returncode == 0
-    args = ["compress", str(base), "--epochs", "30", "--train-limit", "256"]
-    whole = _run([*args, "-o", str(tmp_path / "whole")])
-    assert whole.returncode == 0, whole.stderr[-2000:]
-    killed = _start_and_stop([*args, "-o", str(tmp_path / "again")], tmp_path / "again.partial" / "compress.ckpt",
-                             signal.SIGKILL)
-    assert killed.returncode == -signal.SIGKILL
-    resumed = _run([*args, "-o", str(tmp_path / "again"), "--resume"])
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a, b = (tmp_path / d for d in ("whole", "again"))
+    a, b = _killed_and_resumed(["compress", str(base), "--epochs", "30", "--train-limit", "256"], tmp_path,
+                               "compress.ckpt")
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
     assert (a / "plan.json").read_text() == (b / "plan.json").read_text()
