@@ -246,12 +246,12 @@ def run_compress(baseline_dir: Path, out: Path, opts: CompressOptions, data: Dat
     if opts.reconstruct and opts.method != "quant":
         original = teacher if teacher is not None else copy.deepcopy(model)
     reconstruction = {}
+    analysis = work / "analysis.pt"
+    saved = torch.load(analysis, weights_only=True) if resume and analysis.exists() else {}
+    options = {**asdict(opts), "data": asdict(data)}
+    if "options" in saved:  # the decisions were made with these; other options would mix two runs (the
+        refuse_changed_options(json.loads(saved["options"]), options, f"{out}")  # interrupted run is kept)
     try:
-        analysis = work / "analysis.pt"
-        saved = torch.load(analysis, weights_only=True) if resume and analysis.exists() else {}
-        options = {**asdict(opts), "data": asdict(data)}
-        if "options" in saved:  # the decisions below were made with these; other options would mix two runs
-            refuse_changed_options(json.loads(saved["options"]), options, f"{out}")
         if "pruning" in saved:  # reuse the decisions the interrupted run made, then its checkpoints
             pruning = [GroupDecision.from_json(d) for d in saved["pruning"]]
         elif opts.method in ("hybrid", "prune"):

@@ -84,6 +84,7 @@ def test_compress_resumed_with_other_options_is_refused(tmp_path):
     assert changed.stderr.strip().splitlines()[-1].startswith("error: --resume:")
     assert "--prune-ratio 0.3 (now 0.5)" in changed.stderr
     assert "Traceback" not in changed.stderr
+    assert (tmp_path / "hybrid.partial" / "compress.ckpt").is_file()  # the interrupted run is still there to resume
 
 
 def test_compress_killed_then_resumed_equals_the_uninterrupted_run(tmp_path):
