@@ -428,3 +428,23 @@ def test_a_local_model_whose_head_has_other_labels_is_a_one_line_error(tiny_text
                   quiet=True)
     assert "\n" not in str(exc.value)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_a_hub_name_with_the_hub_unreachable_fails_at_once(monkeypatch):
+    """Not cached, not offline by setting, and no route to the hub: one line, without transformers' retries."""
+    import socket
+
+    import transformers
+
+    from hpqdeploy.models import hf_text
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: (_ for _ in ()).throw(OSError("no route")))
+
+    def no_download(*_a, **_k):
+        raise AssertionError("the hub was tried")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_download)
+    with pytest.raises(UserError, match="not in the local cache and the hub .* is unreachable") as exc:
+        hf_text.build("someone/not-cached-model", num_classes=2, pretrained=True)
+    assert "\n" not in str(exc.value)

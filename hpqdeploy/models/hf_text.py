@@ -12,6 +12,7 @@ import torch.nn as nn
 from hpqdeploy.errors import MissingExtra, UserError
 
 HUB_NAMES = ("bert-base-uncased", "distilbert-base-uncased")
+HUB = ("huggingface.co", 443)
 
 
 class TextClassifier(nn.Module):
@@ -40,7 +41,30 @@ def resolve_source(name: str) -> str:
         if not (Path(name) / "config.json").exists():
             raise UserError(f"{name} is not a Hugging Face model directory (no config.json)")
         return str(Path(name).resolve())
+    if not os.environ.get("HF_HUB_OFFLINE") and not _cached(name) and not hub_reachable():
+        # said at once: transformers would retry the unreachable hub for most of a minute first
+        raise UserError(f"cannot load Hugging Face model {name!r}: not in the local cache and the hub "
+                        f"({HUB[0]}) is unreachable; pass a local model directory")
     return name
+
+
+def _cached(name: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except ValueError:  # not a valid repository id
+        return False
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    import socket
+
+    try:
+        socket.create_connection(HUB, timeout=timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 HEAD_DROPOUT = 0.5  # the plan's dropout in text classification heads
