@@ -41,11 +41,15 @@ def resolve_source(name: str) -> str:
         if not (Path(name) / "config.json").exists():
             raise UserError(f"{name} is not a Hugging Face model directory (no config.json)")
         return str(Path(name).resolve())
-    if not os.environ.get("HF_HUB_OFFLINE") and not _cached(name) and not hub_reachable():
-        # said at once: transformers would retry the unreachable hub for most of a minute first
-        raise UserError(f"cannot load Hugging Face model {name!r}: not in the local cache and the hub "
-                        f"({HUB[0]}) is unreachable; pass a local model directory")
     return name
+
+
+def _check_hub(source: str) -> None:
+    """A hub name to fetch: said at once when it cannot be (transformers would retry for most of a minute)."""
+    if Path(source).is_dir() or os.environ.get("HF_HUB_OFFLINE") or _cached(source) or hub_reachable():
+        return
+    raise UserError(f"cannot load Hugging Face model {source!r}: not in the local cache and the hub ({HUB[0]}) is "
+                    "unreachable; pass a local model directory")
 
 
 def _cached(name: str) -> bool:
@@ -77,6 +81,8 @@ def build(name: str, num_classes: int, pretrained: bool, config: dict | None = N
 
     hf_logging.set_verbosity_error()
     source = resolve_source(name)
+    if config is None or tokenizer_dir is None:  # something is read from the source, not from a saved artifact
+        _check_hub(source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir or source)
         if config is not None:
