@@ -257,3 +257,18 @@ def test_the_export_table_says_which_runtime_the_accuracy_comes_from():
     console = Console(width=200, record=True)
     console.print(export_table({**report, "runtime": "onnxruntime"}))
     assert "evaluated in" not in console.export_text()
+
+
+def test_an_out_of_range_low_bit_share_is_refused_before_the_analysis(digits_baseline, tmp_path, monkeypatch):
+    import hpqdeploy.pipeline as pipeline
+    from hpqdeploy.finetune import TrainConfig
+
+    def analysis(*_a, **_k):
+        raise AssertionError("the minutes-long analysis ran first")
+
+    monkeypatch.setattr(pipeline, "plan_bits", analysis)
+    monkeypatch.setattr(pipeline, "plan_pruning", analysis)
+    opts = pipeline.CompressOptions(method="hybrid", low_bit_share=2.0, train=TrainConfig(epochs=0))
+    with pytest.raises(UserError, match="--low-bit-share"):
+        pipeline.run_compress(digits_baseline, tmp_path / "out", opts, quiet=True)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()

@@ -167,3 +167,44 @@ def test_profile_options_and_files(exported, monkeypatch, capsys, device, runner
                 *(repeats or ["--repeats", "1"]), *seconds, *(idle or ["--idle-seconds", "0"])]
         code, text = _invoke(args, monkeypatch, capsys)
         _check(code, text, out)
+
+
+EXPERIMENT = {
+    "experiment": {"name": '"tiny"', "out": '"out"'},
+    "baseline": {"model": '"resnet8"', "data": '"digits"', "epochs": "0", "batch_size": "16", "train_limit": "32",
+                 "eval_limit": "16", "calib_size": "16"},
+    "compress": {"methods": '["quant"]', "epochs": "0", "batch_size": "16", "train_limit": "32",
+                 "calib_batches": "1"},
+}
+ODD_VALUES = ["0", "-1", "1.5", '"x"', "[]", "true", '["hybrid", "nosuch"]', "1e9", '""']
+KEYS = [(s, k) for s, keys in EXPERIMENT.items() for k in keys] + [("compress", "prune_ratio"),
+                                                                   ("compress", "low_bit_share"),
+                                                                   ("baseline", "lr"), ("compress", "bits")]
+
+
+def _toml(blocks: dict) -> str:
+    return "\n".join(f"[{s}]\n" + "\n".join(f"{k} = {v}" for k, v in kv.items()) for s, kv in blocks.items()) + "\n"
+
+
+@settings(max_examples=15, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(changes=st.lists(st.tuples(st.sampled_from(KEYS), st.sampled_from([None, *ODD_VALUES])), max_size=2),
+       cut=st.one_of(st.none(), st.integers(0, 400)))
+def test_experiment_files(monkeypatch, capsys, changes, cut):
+    """An experiment TOML with keys set to odd values, removed (None) or the file cut short."""
+    blocks = {s: dict(kv) for s, kv in EXPERIMENT.items()}
+    for (section, key), value in changes:
+        if value is None:
+            blocks[section].pop(key, None)
+        else:
+            blocks[section][key] = value
+    text = _toml(blocks)
+    with tempfile.TemporaryDirectory() as tmp:
+        config = Path(tmp) / "exp.toml"
+        config.write_text(text[:cut] if cut is not None else text)
+        code, out_text = _invoke(["experiment", str(config), "--quiet"], monkeypatch, capsys)
+        assert "Traceback" not in out_text, out_text[-3000:]
+        if code:
+            assert code == 2, out_text[-2000:]
+            assert sum(line.startswith("error:") for line in out_text.splitlines()) == 1, out_text[-2000:]
+            assert not (Path(tmp) / "out").exists(), out_text[-2000:]
