@@ -166,8 +166,9 @@ def markdown(blob: dict) -> str:
     lines = [machine_markdown(blob["machine"]), "",
              f"Made by `{blob['command']}` ({blob['seconds']} s). Every row evaluated inside its runtime on the "
              "full evaluation split; bytes are the model files a deployment ships (ExecuTorch: the batch-1 program). "
-             f"Latency: median of all calls at batch 1 and batch 32, every artifact of a model timed round-robin (in a new seeded order each round, so none always "
-             f"follows the same one) in {blob['repeats']} passes ({blob['iters']['1']} / {blob['iters']['32']} calls per pass), one thread "
+             "Latency: median of all calls at batch 1 and batch 32, every artifact of a model timed round-robin (in a "
+             f"new seeded order each round, so none always follows the same one) in {blob['repeats']} passes "
+             f"({blob['iters']['1']} / {blob['iters']['32']} calls per pass), one thread "
              "per runtime; per-pass medians in the JSON. The peers quantize the same fp32 baseline in the same run "
              "and calibrate on the same examples as the plan. `int layers`: the export's read-back of the layers "
              "the runtime runs in integer kernels (of those the plan quantized). `PyTorch`: the compressed model as "

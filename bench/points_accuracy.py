@@ -66,7 +66,8 @@ def main() -> None:
         return
     base = json.loads((args.runs / "baseline" / "metrics.json").read_text())
     how = (f"Made by `python bench/points_accuracy.py {' '.join(sys.argv[1:])}` from these runs, one seed (0), each "
-           f"fine-tuned 1 epoch (Adam lr 1e-3, distillation 0.9, batch 64) from one baseline ({100 * base['accuracy']:.2f}%"
+           "fine-tuned 1 epoch (Adam lr 1e-3, distillation 0.9, batch 64) from one baseline "
+           f"({100 * base['accuracy']:.2f}%"
            ": `hpqdeploy train resnet20 --data cifar10 --data-dir ../shared/data/cifar10-jpeg --weights "
            "../shared/models/cifar10-resnet/resnet20-12fca82f.th --epochs 1`); `before-*`: `hpqdeploy compress "
            f"BASELINE --method quant|hybrid --epochs 1` at commit {args.before_commit or '?'} (layer-input quantizers "

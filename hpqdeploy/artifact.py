@@ -25,7 +25,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
 
-from hpqdeploy import quant_points
+from hpqdeploy import formats, quant_points
 from hpqdeploy.errors import UserError
 from hpqdeploy.models import LoadedModel, ModelSpec, rebuild_model
 from hpqdeploy.prune import GroupDecision, apply_pruning
@@ -126,6 +126,8 @@ def save(out: Path, loaded: LoadedModel, plan: dict, metrics: dict, provenance: 
     if loaded.tokenizer is not None:
         loaded.tokenizer.save_pretrained(str(work / "tokenizer"))
     for name, blob in (("plan.json", plan), ("metrics.json", metrics), ("provenance.json", provenance)):
+        if name in formats.VERSIONS:
+            blob = formats.stamp(name, blob)
         (work / name).write_text(json.dumps(blob, indent=2) + "\n")
     for leftover in (*work.glob("*.ckpt"), *work.glob("analysis.pt")):
         leftover.unlink()
@@ -144,8 +146,8 @@ def load(path: Path) -> Artifact:
     if missing:
         raise UserError(f"{path} is incomplete or not an hpqdeploy artifact: missing {', '.join(missing)}")
     try:
-        plan = json.loads((path / "plan.json").read_text())
-        metrics = json.loads((path / "metrics.json").read_text())
+        plan = formats.check(path / "plan.json", json.loads((path / "plan.json").read_text()))
+        metrics = formats.check(path / "metrics.json", json.loads((path / "metrics.json").read_text()))
         provenance = json.loads((path / "provenance.json").read_text())
         spec = ModelSpec.from_json(plan["model"])
     except (json.JSONDecodeError, KeyError, TypeError) as exc:
@@ -157,6 +159,9 @@ def load(path: Path) -> Artifact:
         apply_pruning(loaded.module, loaded.example_inputs,
                       [GroupDecision.from_json(d) for d in plan.get("pruning", [])])
         layers = quantizable_layers(loaded.module)
+        unknown = sorted(set(plan.get("quantization", {})) - set(layers))
+        if unknown:
+            raise UserError(f"{path / 'plan.json'} quantizes layer {unknown[0]!r}, which the model does not have")
         for name, q in plan.get("quantization", {}).items():
             m = attach(layers[name], bits_from_runs(q["bits"], q["out_channels"]), q["act_bits"], q["group_size"])
             m.act_dynamic = q.get("act_mode") == "dynamic"

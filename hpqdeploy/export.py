@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hpqdeploy import artifact
+from hpqdeploy import artifact, formats
 from hpqdeploy.data import load_data
 from hpqdeploy.errors import UserError
 from hpqdeploy.finetune import loader, progress
@@ -129,6 +129,7 @@ def run_export(artifact_dir: Path, out: Path, opts: ExportOptions, quiet: bool =
         "lower_seconds": round(lower_seconds, 2), "threads": opts.threads, "command": command,
         "options": asdict(opts), **artifact.environment(),
     }
+    report = formats.stamp("export.json", report)
     (work / "export.json").write_text(json.dumps(report, indent=2) + "\n")
     shutil.move(str(work), str(out))
     return report

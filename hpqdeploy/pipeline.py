@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from hpqdeploy import artifact, quant_points
+from hpqdeploy import artifact, formats, quant_points
 from hpqdeploy.bitalloc import LayerBits, check_bits, low_bit_share, plan_bits
 from hpqdeploy.data import DataRequest, Splits, load_data
 from hpqdeploy.denormals import subnormals_flushed
@@ -170,7 +170,7 @@ def run_train(model_name: str, data: DataOptions, out: Path, cfg: TrainConfig, w
     history = finetune(loaded.module, train, cfg, work / "train.ckpt", resume=resume, quiet=quiet)
     acc = evaluate(loaded.module, evaluation, quiet=quiet)
     fp32 = weight_bytes(loaded.module)["total"]
-    metrics = {"method": "baseline", **_describe(loaded, acc),
+    metrics = {"format_version": formats.VERSIONS["metrics.json"], "method": "baseline", **_describe(loaded, acc),
                "macs": count_macs(loaded.module, loaded.example_inputs), "fp32_bytes": fp32, "compression": 1.0,
                "train_seconds": round(time.time() - start, 1), "history": history}
     plan = {"model": loaded.spec.to_json(), "method": "baseline", "data": asdict(data), "pruning": [],
@@ -294,7 +294,8 @@ def run_compress(baseline_dir: Path, out: Path, opts: CompressOptions, data: Dat
                       f"{target.name} runs {min(opts.bits)}-bit weights only for some layers", stacklevel=2)
     fp32 = base.metrics["fp32_bytes"]
     metrics = {
-        "method": opts.method, **_describe(loaded, acc), "macs": macs,
+        "format_version": formats.VERSIONS["metrics.json"], "method": opts.method, **_describe(loaded, acc),
+        "macs": macs,
         "fp32_bytes": fp32, "compression": round(fp32 / size["total"], 3),
         "baseline": {k: base.metrics[k] for k in ("accuracy", "params", "macs", "fp32_bytes")},
         "params_ratio": round(count_params(model) / base.metrics["params"], 4),

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hpqdeploy import artifact
+from hpqdeploy import artifact, formats
 from hpqdeploy.device_profiles import DeviceProfile, collapse_state, load_profile
 from hpqdeploy.errors import UserError
 from hpqdeploy.measure.base import MeterUnavailable, PowerMeter, get_meter
@@ -301,6 +301,7 @@ def run_profile(export_dir: Path, out: Path, opts: ProfileOptions, command: str 
     work = artifact.partial_dir(out)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
+    result = formats.stamp(PROFILE_FILE, result)
     (work / PROFILE_FILE).write_text(json.dumps(result, indent=2) + "\n")
     work.replace(out)
     return result

@@ -64,7 +64,8 @@ def load_target(name: str | None) -> Target:
     runtime in particular keeps widths every runtime runs fast)."""
     if name is None:
         multiples = [load_target(n).channel_multiple for n in target_names()]
-        return replace(GENERIC, channel_multiple=math.lcm(GENERIC.channel_multiple, *multiples), isa_family=isa_family())
+        multiple = math.lcm(GENERIC.channel_multiple, *multiples)
+        return replace(GENERIC, channel_multiple=multiple, isa_family=isa_family())
     path = TARGETS_DIR / f"{name}.toml"
     if not path.is_file():
         raise UserError(f"unknown target {name!r}; known: {', '.join(target_names())}")

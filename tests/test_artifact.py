@@ -133,6 +133,7 @@ def test_metrics_json(hybrid, digits_baseline):
     metrics = json.loads((out / "metrics.json").read_text())
     base = json.loads((digits_baseline / "metrics.json").read_text())
     assert metrics == json.loads(json.dumps(returned))
+    assert metrics["format_version"] == 1
     loaded = artifact.load(out).model
     assert metrics["params"] == count_params(loaded.module) < base["params"]
     pruned = rebuild_model(ModelSpec.from_json(json.loads((out / "plan.json").read_text())["model"]))
@@ -447,4 +448,29 @@ def test_a_hub_name_with_the_hub_unreachable_fails_at_once(monkeypatch):
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", no_download)
     with pytest.raises(UserError, match="not in the local cache and the hub .* is unreachable") as exc:
         hf_text.build("someone/not-cached-model", num_classes=2, pretrained=True)
+    assert "\n" not in str(exc.value)
+
+
+def test_files_carry_a_format_version_and_a_newer_one_is_a_one_line_error(digits_quant, tmp_path):
+    for name in ("plan.json", "metrics.json"):
+        assert json.loads((digits_quant / name).read_text())["format_version"] == 1
+    for name in ("plan.json", "metrics.json"):
+        future = tmp_path / f"future-{name}"
+        shutil.copytree(digits_quant, future)
+        blob = json.loads((future / name).read_text())
+        (future / name).write_text(json.dumps({**blob, "format_version": 2}))
+        with pytest.raises(UserError, match=f"{name}: format version 2; this hpqdeploy reads {name} versions 1 to 1") \
+                as exc:
+            artifact.load(future)
+        assert "\n" not in str(exc.value)
+
+
+def test_a_plan_naming_a_layer_the_model_lacks_is_a_one_line_error(digits_quant, tmp_path):
+    edited = tmp_path / "edited"
+    shutil.copytree(digits_quant, edited)
+    plan = json.loads((edited / "plan.json").read_text())
+    plan["quantization"]["layer9.0.conv1"] = next(iter(plan["quantization"].values()))
+    (edited / "plan.json").write_text(json.dumps(plan))
+    with pytest.raises(UserError, match="quantizes layer 'layer9.0.conv1', which the model does not have") as exc:
+        artifact.load(edited)
     assert "\n" not in str(exc.value)

@@ -68,7 +68,8 @@ def train(
     from hpqdeploy.pipeline import DataOptions, run_train
     from hpqdeploy.cli.tables import comparison_table
 
-    cfg = TrainConfig(epochs, lr, weight_decay, _default_batch(data) if batch_size is None else batch_size, seed, warmup=warmup,
+    batch = _default_batch(data) if batch_size is None else batch_size
+    cfg = TrainConfig(epochs, lr, weight_decay, batch, seed, warmup=warmup,
                       optimizer=optimizer, mixup=mixup)
     opts = DataOptions(data, data_dir, calib_size, train_limit, eval_limit)
     metrics = run_train(model, opts, output, cfg, weights, max_length, quiet, resume, _command(), scratch, dropout)
@@ -116,7 +117,8 @@ def compress(
     base_data = _baseline_data(baseline)
     data = DataOptions(**{**base_data, **{k: v for k, v in {"data_dir": data_dir, "train_limit": train_limit,
                                                              "eval_limit": eval_limit}.items() if v is not None}})
-    cfg = TrainConfig(epochs, lr, weight_decay, _default_batch(data.name) if batch_size is None else batch_size, seed, distill, temperature,
+    batch = _default_batch(data.name) if batch_size is None else batch_size
+    cfg = TrainConfig(epochs, lr, weight_decay, batch, seed, distill, temperature,
                       warmup=warmup, optimizer=optimizer, mixup=mixup)
     opts = CompressOptions(method, prune_ratio, tuple(bits), low_bit_share, act_bits or None, importance, target,
                            train=cfg, fade=fade,

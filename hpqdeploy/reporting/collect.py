@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hpqdeploy import formats
 from hpqdeploy.errors import UserError
 
 INPUT_KINDS = "metrics.json + plan.json (train/compress), export.json (export) or profile.json (profile)"
@@ -58,7 +59,7 @@ def read_json(path: Path) -> dict:
         raise UserError(f"{path} cannot be read ({exc.strerror})") from None
     if not isinstance(blob, dict):
         raise UserError(f"{path} holds a JSON {type(blob).__name__}, not the object hpqdeploy writes")
-    return blob
+    return formats.check(path, blob)
 
 
 def _compressed(path: Path) -> Compressed:
