@@ -160,7 +160,7 @@ def main() -> None:
         recipe["mixup"] = args.mixup
     if (args.optimizer, args.lr) != (TrainConfig.optimizer, TrainConfig.lr):
         recipe.update(optimizer=args.optimizer, lr=args.lr)
-    opts.train = replace(opts.train, epochs=args.epochs, **recipe)  # the rest is compress's default
+    opts = replace(opts, train=replace(opts.train, epochs=args.epochs, **recipe))  # the rest is compress's default
     if args.reconstruct:
         recipe["reconstruct"] = True
     if args.importance != CompressOptions.importance:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import platform
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
 
-from hpqdeploy import formats, quant_points
+from hpqdeploy import atomic, formats, quant_points
+from hpqdeploy.bitalloc import bit_runs, bits_from_runs
 from hpqdeploy.errors import UserError
 from hpqdeploy.models import LoadedModel, ModelSpec, rebuild_model
 from hpqdeploy.prune import GroupDecision, apply_pruning
@@ -43,21 +43,6 @@ class Artifact:
     provenance: dict
 
 
-def partial_dir(out: Path) -> Path:
-    return out.with_name(out.name + ".partial")
-
-
-def check_output(out: Path) -> None:
-    """Before any work: the output directory must not exist, and its parents must be directories (or not yet)."""
-    if out.exists():
-        raise UserError(f"output directory {out} exists; choose another -o, or remove it first")
-    for parent in Path(out).parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise UserError(f"cannot write {out}: {parent} is a file, not a directory")
-            break
-
-
 def describe_quantization(model: nn.Module) -> dict[str, dict]:
     layers = {}
     for name, m in quantizable_layers(model).items():
@@ -68,7 +53,7 @@ def describe_quantization(model: nn.Module) -> dict[str, dict]:
         layers[name] = {
             "op": next(c for c in type(m).__mro__ if c.__module__.startswith("torch.nn.modules")).__name__,
             "out_channels": m.weight.shape[0],
-            "bits": _runs(bits),
+            "bits": bit_runs(bits),
             "group_size": m.group_size,
             "act_bits": int(m.act_bits) or None,
             "act_mode": ("dynamic" if m.act_dynamic else "static") if int(m.act_bits) else "float",
@@ -77,6 +62,16 @@ def describe_quantization(model: nn.Module) -> dict[str, dict]:
             "scales": [[float(s) for s in row] for row in scales] if m.group_size else [float(s) for s in scales[:, 0]],
         }
     return layers
+
+
+def plan_record(spec: ModelSpec, data: dict, plan: dict, model: nn.Module) -> dict:
+    """plan.json of a compressed model: how to rebuild it, the data it is judged on, the plan (`planning.plan`'s
+    decisions) and the quantizers as they ended up after fine-tuning (bit widths, scales, activation ranges)."""
+    return {"model": spec.to_json(), "method": plan["method"], "data": data, "target": plan["target"],
+            "channel_multiple": plan["channel_multiple"], "isa_family": plan["isa_family"],
+            "pruning": plan["pruning"], "quantization": describe_quantization(model),
+            "activation_points": describe_points(model, getattr(model, "hpq_points", None)),
+            "layer_sensitivity": {n: b["sensitivity"] for n, b in plan["bits"].items()}}
 
 
 def describe_points(model: nn.Module, points) -> dict | None:
@@ -88,21 +83,6 @@ def describe_points(model: nn.Module, points) -> dict | None:
         if name not in points.mirrors:
             ranges[name] = [float(v) for v in tq.act_range]
     return {**points.to_json(), "act_bits": int(next(iter(points.points.values())).act_bits), "ranges": ranges}
-
-
-def _runs(bits: list[int]) -> list[dict]:
-    """Bit widths per channel group: {"bits": b, "channels": [...]} for each width present."""
-    out = {}
-    for i, b in enumerate(bits):
-        out.setdefault(b, []).append(i)
-    return [{"bits": b, "channels": ch} for b, ch in sorted(out.items(), reverse=True)]
-
-
-def bits_from_runs(runs: list[dict], out_channels: int) -> torch.Tensor:
-    bits = torch.zeros(out_channels, dtype=torch.int8)
-    for r in runs:
-        bits[r["channels"]] = r["bits"]
-    return bits
 
 
 def environment() -> dict:
@@ -120,7 +100,7 @@ def environment() -> dict:
 
 def save(out: Path, loaded: LoadedModel, plan: dict, metrics: dict, provenance: dict, work: Path | None = None) -> Path:
     """Write everything into the work directory (default `<out>.partial`), then rename it to `out`."""
-    work = work or partial_dir(out)
+    work = work or atomic.partial_dir(out)
     work.mkdir(parents=True, exist_ok=True)
     st_save_model(loaded.module, str(work / "model.safetensors"))
     if loaded.tokenizer is not None:
@@ -131,10 +111,7 @@ def save(out: Path, loaded: LoadedModel, plan: dict, metrics: dict, provenance: 
         (work / name).write_text(json.dumps(blob, indent=2) + "\n")
     for leftover in (*work.glob("*.ckpt"), *work.glob("analysis.pt")):
         leftover.unlink()
-    if out.exists():
-        shutil.rmtree(out)
-    work.replace(out)
-    return out
+    return atomic.publish(work, out)
 
 
 def load(path: Path) -> Artifact:

@@ -28,6 +28,34 @@ class LayerBits:
     sensitivity: float | None  # output KL divergence with the whole layer at the low bit width
     act_dynamic: bool = False  # activations quantized per batch (the target's mode for low-bit weights)
 
+    def to_json(self) -> dict:
+        """Plain data: the bit widths as runs, {"bits": b, "channels": [...]} per width present."""
+        return {"bits": bit_runs(self.bits.tolist()),
+                "out_channels": int(self.bits.numel()), "group_size": self.group_size, "act_bits": self.act_bits,
+                "act_dynamic": self.act_dynamic, "sensitivity": self.sensitivity}
+
+    @classmethod
+    def from_json(cls, blob: dict) -> "LayerBits":
+        return cls(bits_from_runs(blob["bits"], int(blob["out_channels"])), blob.get("group_size"), blob.get("act_bits"), blob.get("sensitivity"),
+                   bool(blob.get("act_dynamic", False)))
+
+
+def bit_runs(bits: list[int]) -> list[dict]:
+    """Bit widths per output channel as runs: {"bits": b, "channels": [...]} for each width present."""
+    out: dict[int, list[int]] = {}
+    for i, b in enumerate(bits):
+        out.setdefault(int(b), []).append(i)
+    return [{"bits": b, "channels": ch} for b, ch in sorted(out.items(), reverse=True)]
+
+
+def bits_from_runs(runs: list[dict], out_channels: int) -> torch.Tensor:
+    bits = torch.zeros(out_channels, dtype=torch.int8)
+    for r in runs:
+        bits[r["channels"]] = int(r["bits"])
+    if (bits == 0).any():
+        raise ValueError("a channel has no bit width")
+    return bits
+
 
 def _layer_precisions(kind: str, target: Target, requested: tuple[int, ...]) -> tuple[int, ...]:
     allowed = tuple(b for b in requested if b in target.support(kind).weight_bits)

@@ -9,50 +9,25 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from hpqdeploy import artifact, formats
+from hpqdeploy import artifact, atomic, formats
+from hpqdeploy.config import DataOptions, ExportOptions  # noqa: F401  (ExportOptions: re-exported)
 from hpqdeploy.data import load_data
 from hpqdeploy.errors import UserError
 from hpqdeploy.finetune import loader, progress
 from hpqdeploy.hooks import forward
 from hpqdeploy.lower.base import LoweringContext, get_runtime
 from hpqdeploy.lower.cpu import has_vnni
-from hpqdeploy.lower.legalize import MIXED_MODES, OVERFLOW_FIX, legalize, narrow_int8_weights
+from hpqdeploy.lower.legalize import legalize, narrow_int8_weights
 from hpqdeploy.models.hf_text import text_collate
-from hpqdeploy.pipeline import DataOptions
 from hpqdeploy.targets import load_target
-
-
-@dataclass
-class ExportOptions:
-    target: str
-    mixed: str = "split"
-    batch_size: int = 32  # fixed batch of the evaluation (the artifact itself keeps a dynamic batch where it can)
-    eval_limit: int | None = None
-    calib_batches: int = 8
-    threads: int = 1
-    data_dir: str | None = None
-    overflow_fix: str = "auto"  # auto: keep int8 kernels exact where they would saturate on this CPU (no VNNI)
-
-    def validate(self) -> None:
-        if self.mixed not in MIXED_MODES:
-            raise UserError(f"--mixed must be one of {', '.join(MIXED_MODES)}, got {self.mixed!r}")
-        if self.overflow_fix not in OVERFLOW_FIX:
-            raise UserError(f"--overflow-fix must be one of {', '.join(OVERFLOW_FIX)}, got {self.overflow_fix!r}")
-        for flag, value in (("--batch-size", self.batch_size), ("--threads", self.threads),
-                            ("calibration batches", self.calib_batches)):
-            if value < 1:
-                raise UserError(f"{flag} must be >= 1, got {value}")
-        if self.eval_limit is not None and self.eval_limit < 1:
-            raise UserError(f"--eval-limit must be >= 1 (or left out for all), got {self.eval_limit}")
 
 
 def fixed_collate(loaded):
@@ -77,19 +52,17 @@ def _pad(inputs, batch: int):
 
 
 def run_export(artifact_dir: Path, out: Path, opts: ExportOptions, quiet: bool = False, command: str = "") -> dict:
-    opts.validate()
     runtime = get_runtime(opts.target)
     if opts.overflow_fix == "on" and not runtime.int8_pairs_saturate:
         raise UserError(f"--overflow-fix on: {runtime.name}'s int8 kernels do not saturate, nothing to fix")
     runtime.require()
     target = load_target(opts.target)
-    artifact.check_output(out)
+    atomic.check_output(out)
     art = artifact.load(artifact_dir)
     loaded = art.model
     data = DataOptions(**art.plan["data"])
-    if opts.data_dir:
-        data.data_dir = opts.data_dir
-    data.eval_limit = opts.eval_limit if opts.eval_limit is not None else data.eval_limit
+    data = replace(data, data_dir=opts.data_dir or data.data_dir,
+                   eval_limit=opts.eval_limit if opts.eval_limit is not None else data.eval_limit)
     splits = load_data(data.name, data.request(0))
     collate = fixed_collate(loaded)
     reference = loaded.module.eval()
@@ -103,11 +76,7 @@ def run_export(artifact_dir: Path, out: Path, opts: ExportOptions, quiet: bool =
     example = next(iter(loader(splits.eval, collate, 1, shuffle=False)))[0]
     ctx = LoweringContext(legal, target, example, calib, loaded.modality, tuple(sorted({1, opts.batch_size})),
                           overflow_fix)
-    work = artifact.partial_dir(out)
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
-    try:
+    with atomic.directory(out) as work:
         start = time.time()
         lowered = runtime.lower(ctx, work)
         lower_seconds = time.time() - start
@@ -116,22 +85,18 @@ def run_export(artifact_dir: Path, out: Path, opts: ExportOptions, quiet: bool =
                                opts.batch_size, quiet)
         contents = runtime.inspect(work)
         _warn_float_fallbacks(runtime.name, contents.get("fast_path"), lowered.notes)
-    except UserError:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    files = [p for p in work.rglob("*") if p.is_file()]
-    report = {
-        "target": target.name, "runtime": runtime.name, "source": str(artifact_dir), "method": art.plan["method"],
-        "files": {str(p.relative_to(work)): p.stat().st_size for p in files},
-        "bytes_on_disk": sum(p.stat().st_size for p in lowered.files),
-        "legalization": [c.to_json() for c in changes], "mixed": opts.mixed,
-        "notes": lowered.notes, "session": session.info(), "contents": contents, **evaluation,
-        "lower_seconds": round(lower_seconds, 2), "threads": opts.threads, "command": command,
-        "options": asdict(opts), **artifact.environment(),
-    }
-    report = formats.stamp("export.json", report)
-    (work / "export.json").write_text(json.dumps(report, indent=2) + "\n")
-    shutil.move(str(work), str(out))
+        files = [p for p in work.rglob("*") if p.is_file()]
+        report = {
+            "target": target.name, "runtime": runtime.name, "source": str(artifact_dir),
+            "method": art.plan["method"], "files": {str(p.relative_to(work)): p.stat().st_size for p in files},
+            "bytes_on_disk": sum(p.stat().st_size for p in lowered.files),
+            "legalization": [c.to_json() for c in changes], "mixed": opts.mixed,
+            "notes": lowered.notes, "session": session.info(), "contents": contents, **evaluation,
+            "lower_seconds": round(lower_seconds, 2), "threads": opts.threads, "command": command,
+            "options": asdict(opts), **artifact.environment(),
+        }
+        report = formats.stamp("export.json", report)
+        (work / "export.json").write_text(json.dumps(report, indent=2) + "\n")
     return report
 
 

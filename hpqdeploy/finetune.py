@@ -16,39 +16,11 @@ import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch.utils.data import DataLoader, Dataset
 
+from hpqdeploy import atomic
+from hpqdeploy.config import OPTIMIZERS, TrainConfig  # noqa: F401  (the loop's settings)
 from hpqdeploy.denormals import subnormals_flushed
 from hpqdeploy.errors import UserError
 from hpqdeploy.hooks import forward, forward_hooks
-
-OPTIMIZERS = ("adam", "sgd")
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 10
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    batch_size: int = 64
-    seed: int = 0
-    distill: float = 0.0  # weight of the distillation term (0: plain cross-entropy); compress uses the baseline
-    temperature: float = 4.0
-    attention: float = 0.0  # weight of attention transfer from the teacher at `attention_layers` (0: off)
-    attention_layers: tuple[str, ...] = ()
-    warmup: float = 0.0  # epochs of linear learning-rate warmup before the cosine decay (0: none)
-    optimizer: str = "adam"  # one of OPTIMIZERS; the plan's Adam by default
-    mixup: float = 0.0  # alpha of mixup's Beta(alpha, alpha) mixing weight (0: off); images only
-
-    def validate(self) -> None:
-        if self.epochs < 0 or self.lr <= 0 or self.batch_size <= 0:
-            raise UserError("--epochs must be >= 0, --lr and --batch-size > 0")
-        if self.warmup < 0 or (self.epochs > 0 and self.warmup >= self.epochs):
-            raise UserError(f"--warmup must be in [0, --epochs), got {self.warmup:g}")
-        if not 0.0 <= self.distill < 1.0 or self.temperature <= 0:
-            raise UserError("--distill must be in [0, 1) and --temperature > 0")
-        if self.mixup < 0:
-            raise UserError(f"--mixup must be >= 0 (the Beta distribution's alpha; 0: off), got {self.mixup:g}")
-        if self.optimizer not in OPTIMIZERS:
-            raise UserError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
 
 
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -295,9 +267,8 @@ def finetune(model: nn.Module, data: DataLoader, cfg: TrainConfig, checkpoint: P
             history.append({"epoch": epoch + 1, "train_loss": running / max(seen, 1),
                             "lr": opt.param_groups[0]["lr"]})
             if checkpoint is not None:
-                tmp = checkpoint.with_suffix(".tmp")
-                torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                            "optimizer_name": cfg.optimizer, "scheduler": sched.state_dict(), "epoch": epoch + 1,
-                            "history": history, "random": random_state(data), "config": asdict(cfg)}, tmp)
-                tmp.replace(checkpoint)
+                state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                         "optimizer_name": cfg.optimizer, "scheduler": sched.state_dict(), "epoch": epoch + 1,
+                         "history": history, "random": random_state(data), "config": asdict(cfg)}
+                atomic.write_file(checkpoint, lambda tmp, state=state: torch.save(state, tmp))
     return history

@@ -13,17 +13,16 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
-import math
-import shutil
 import statistics
 import subprocess
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 
-from hpqdeploy import artifact, formats
+from hpqdeploy import artifact, atomic, formats
+from hpqdeploy.config import ProfileOptions  # noqa: F401  (re-exported)
 from hpqdeploy.device_profiles import DeviceProfile, collapse_state, load_profile
 from hpqdeploy.errors import UserError
 from hpqdeploy.measure.base import MeterUnavailable, PowerMeter, get_meter
@@ -32,29 +31,6 @@ from hpqdeploy.runners.base import Runner, RunnerUnavailable, RunSettings, Timin
 
 PROFILE_FILE = "profile.json"
 COMMAND_TIMEOUT_S = 20
-
-
-@dataclass
-class ProfileOptions:
-    device: str = "x86"
-    runner: str | None = None  # default: the device's first runner for the artifact's runtime
-    batch_size: int = 1
-    threads: int = 1
-    warmup: int = 20
-    iters: int = 200
-    min_seconds: float = 0.0
-    repeats: int = 3
-    idle_seconds: float = 2.0
-    pin_clocks: bool = False
-    serial: str | None = None  # adb device
-    data_dir: str | None = None
-    meter: str | None = None  # default: the profile's [meter]; else a registry name or [meter_alternatives] key
-
-    def validate(self) -> None:
-        if self.batch_size < 1 or self.threads < 1 or self.iters < 1 or self.repeats < 1:
-            raise UserError("--batch-size, --threads, --iters and --repeats must be >= 1")
-        if self.warmup < 0 or not (0 <= self.min_seconds < math.inf) or not (0 <= self.idle_seconds < math.inf):
-            raise UserError("--warmup must be >= 0, --min-seconds and --idle-seconds finite and >= 0")
 
 
 def latency_stats(times_ms: list[float], batch: int) -> dict:
@@ -125,16 +101,14 @@ def example_batch(meta: dict, batch: int, data_dir: str | None):
     """`batch` rows of the evaluation split of the artifact the export came from, as the runtime takes them."""
     from hpqdeploy.data import load_data
     from hpqdeploy.export import fixed_collate, to_numpy
-    from hpqdeploy.pipeline import DataOptions
+    from hpqdeploy.config import DataOptions
 
     source = Path(meta.get("source", ""))
     if not (source / "plan.json").is_file():
         raise UserError(f"the export's source artifact {source} is not here; profile needs it for example inputs")
     art = artifact.load(source)
-    data = DataOptions(**art.plan["data"])
-    if data_dir:
-        data.data_dir = data_dir
-    data.eval_limit = max(batch, 8)
+    recorded = DataOptions(**art.plan["data"])
+    data = replace(recorded, data_dir=data_dir or recorded.data_dir, eval_limit=max(batch, 8))
     splits = load_data(data.name, data.request(0))
     rows = [splits.eval[i % len(splits.eval)] for i in range(batch)]
     return to_numpy(fixed_collate(art.model)(rows)[0])
@@ -246,12 +220,11 @@ def _timed_repeat(runner: Runner, settings: RunSettings, meter: PowerMeter | Non
 
 
 def run_profile(export_dir: Path, out: Path, opts: ProfileOptions, command: str = "") -> dict:
-    opts.validate()
     export_dir = Path(export_dir)
     meta = _export_meta(export_dir)
     profile = load_profile(opts.device)
     runners = _candidate_runners(profile, meta["runtime"], opts.runner, opts.serial)
-    artifact.check_output(out)
+    atomic.check_output(out)
     inputs = example_batch(meta, opts.batch_size, opts.data_dir)
     settings = RunSettings(opts.batch_size, opts.threads, opts.warmup, opts.iters, opts.min_seconds)
     state_before = device_state(profile, opts.serial)
@@ -298,12 +271,9 @@ def run_profile(export_dir: Path, out: Path, opts: ProfileOptions, command: str 
         "repeats": repeats,
         "command": command, **artifact.environment(),
     }
-    work = artifact.partial_dir(out)
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
     result = formats.stamp(PROFILE_FILE, result)
-    (work / PROFILE_FILE).write_text(json.dumps(result, indent=2) + "\n")
-    work.replace(out)
+    with atomic.directory(out) as work:
+        (work / PROFILE_FILE).write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 

@@ -111,14 +111,14 @@ def _ffn_inputs(model: nn.Module):
             yield name, m
 
 
-def _is_transformer(model: nn.Module) -> bool:
+def is_transformer(model: nn.Module) -> bool:
     return any(True for _ in _attention_modules(model))
 
 
 def find_groups(model: nn.Module, graph: tp.DependencyGraph) -> list[_Group]:
     names = {m: n for n, m in model.named_modules()}
     groups: list[_Group] = []
-    if _is_transformer(model):
+    if is_transformer(model):
         for name, attn, query, heads_attr, head_dim in _attention_modules(model):
             heads = getattr(attn, heads_attr)
             groups.append(_Group(name, "heads", query, heads, head_dim))

@@ -5,6 +5,8 @@ narrow range [-(2^(b-1)-1), 2^(b-1)-1], a bit width per output channel, and a pe
 minimising the squared error. Activations: one affine 8-bit range per tensor at the input of each quantized layer,
 calibrated (running mean of batch min/max) and tracked during fine-tuning. Gradients pass the rounding straight
 through (STE). Modules keep their class hierarchy (`QConv2d` is an `nn.Conv2d`), so parameter names do not change.
+The scales, zero points and integer weights are computed by `qparams`; while a model is exported, the layers emit
+the forms of `export_form` instead.
 """
 
 from __future__ import annotations
@@ -13,35 +15,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hpqdeploy.export_form import export_activation, export_input, export_weight, exporting
 from hpqdeploy.hooks import evaluating, forward
+from hpqdeploy.qparams import activation_qparams, quantize_weight
+from hpqdeploy.qparams import qmax, weight_scales  # noqa: F401  (part of this module's interface)
 
 QUANTIZABLE = (nn.Conv2d, nn.Linear, nn.Embedding)
 CLIP_GRID = torch.linspace(0.5, 1.0, 11)
-
-
-def qmax(bits: torch.Tensor) -> torch.Tensor:
-    return (2 ** (bits.float() - 1) - 1).clamp(min=1)
-
-
-def weight_scales(w: torch.Tensor, bits: torch.Tensor, clip: torch.Tensor, group_size: int | None) -> torch.Tensor:
-    """Scales of shape (out, n_groups, 1) for `w` viewed as (out, n_groups, group)."""
-    wg = _grouped(w, group_size)
-    amax = wg.abs().amax(dim=2, keepdim=True).clamp(min=1e-12)
-    return amax * clip.view(-1, 1, 1) / qmax(bits).view(-1, 1, 1)
-
-
-def _grouped(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
-    flat = w.reshape(w.shape[0], -1)
-    g = group_size or flat.shape[1]
-    return flat.view(flat.shape[0], flat.shape[1] // g, g)
-
-
-def quantize_weight(w: torch.Tensor, bits: torch.Tensor, clip: torch.Tensor, group_size: int | None) -> torch.Tensor:
-    """The dequantized weight the runtime will see (no gradient trick)."""
-    s = weight_scales(w, bits, clip, group_size)
-    q = qmax(bits).view(-1, 1, 1)
-    wg = _grouped(w, group_size)
-    return (torch.clamp(torch.round(wg / s), -q, q) * s).view_as(w)
 
 
 def fake_quant_weight(w: torch.Tensor, bits: torch.Tensor, clip: torch.Tensor, group_size: int | None) -> torch.Tensor:
@@ -65,11 +45,7 @@ def search_clip(w: torch.Tensor, bits: torch.Tensor, group_size: int | None, imp
 
 
 def fake_quant_activation(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
-    lo, hi = torch.minimum(lo, torch.zeros_like(lo)), torch.maximum(hi, torch.zeros_like(hi))
-    levels = 2**bits - 1
-    scale = float(((hi - lo) / levels).clamp(min=1e-8))
-    zero_point = int(torch.clamp(torch.round(-lo / scale), 0, levels))
-    return torch.fake_quantize_per_tensor_affine(x, scale, zero_point, 0, levels)
+    return torch.fake_quantize_per_tensor_affine(x, *activation_qparams(lo, hi, bits))
 
 
 class _ActObserver:
@@ -138,17 +114,13 @@ class _QuantMixin(_ActObserver):
         return int(self.w_group) or None
 
     def qweight(self) -> torch.Tensor:
-        from hpqdeploy.lower import torch_prep
-
-        if torch_prep.exporting():
-            return torch_prep.export_weight(self)
+        if exporting():
+            return export_weight(self)
         return fake_quant_weight(self.weight, self.w_bits, self.w_clip, self.group_size)
 
     def qinput(self, x: torch.Tensor) -> torch.Tensor:
-        from hpqdeploy.lower import torch_prep
-
-        if torch_prep.exporting():
-            return torch_prep.export_input(self, x)
+        if exporting():
+            return export_input(self, x)
         return self.quantize_activation(x)
 
 
@@ -164,10 +136,8 @@ class TensorQuant(_ActObserver, nn.Module):
         self._observed = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from hpqdeploy.lower import torch_prep
-
-        if torch_prep.exporting():
-            return torch_prep.export_activation(self, x)
+        if exporting():
+            return export_activation(self, x)
         return self.quantize_activation(x)
 
 

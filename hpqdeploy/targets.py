@@ -62,7 +62,7 @@ def load_target(name: str | None) -> Target:
     """A runtime's target, its channel multiple resolved for this machine's ISA family; with no name the generic
     target, whose channel multiple is the least common multiple of every runtime's here (a plan made for no
     runtime in particular keeps widths every runtime runs fast)."""
-    if name is None:
+    if name is None or name == GENERIC.name:
         multiples = [load_target(n).channel_multiple for n in target_names()]
         multiple = math.lcm(GENERIC.channel_multiple, *multiples)
         return replace(GENERIC, channel_multiple=multiple, isa_family=isa_family())

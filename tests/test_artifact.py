@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hpqdeploy import artifact
+from hpqdeploy import artifact, atomic
 from hpqdeploy.data import DataRequest, load_data
 from hpqdeploy.errors import UserError
 from hpqdeploy.finetune import TrainConfig
@@ -50,7 +50,7 @@ def _digits_batch():
 
 def test_baseline_artifact(digits_baseline):
     assert sorted(p.name for p in digits_baseline.iterdir()) == sorted(artifact.FILES)  # no checkpoint left over
-    assert not artifact.partial_dir(digits_baseline).exists()
+    assert not atomic.partial_dir(digits_baseline).exists()
     a = artifact.load(digits_baseline)
     assert a.plan["method"] == "baseline" and a.plan["pruning"] == [] and a.plan["quantization"] == {}
     assert a.plan["model"] == {"family": "cifar_resnet", "name": "resnet20",
@@ -168,7 +168,7 @@ def test_provenance_json(hybrid, digits_baseline):
 def test_no_partial_dir_left(hybrid):
     out, _, _ = hybrid
     assert sorted(p.name for p in out.iterdir()) == sorted(artifact.FILES)
-    assert not artifact.partial_dir(out).exists()
+    assert not atomic.partial_dir(out).exists()
     assert [p.name for p in out.parent.iterdir()] == [out.name]
 
 
@@ -261,30 +261,29 @@ def test_output_dir_exists(tmp_path, digits_baseline, hybrid):
     with pytest.raises(UserError, match="exists"):
         run_compress(digits_baseline, hybrid[0], CompressOptions(train=TrainConfig(epochs=0)), quiet=True)
     assert [p.name for p in taken.iterdir()] == ["keep.txt"]
-    assert not artifact.partial_dir(taken).exists()
+    assert not atomic.partial_dir(taken).exists()
 
 
 def test_compressing_a_compressed_artifact_is_refused(hybrid, tmp_path):
     with pytest.raises(UserError, match="hybrid artifact"):
         run_compress(hybrid[0], tmp_path / "again", CompressOptions(train=TrainConfig(epochs=0)), quiet=True)
-    assert not (tmp_path / "again").exists() and not artifact.partial_dir(tmp_path / "again").exists()
+    assert not (tmp_path / "again").exists() and not atomic.partial_dir(tmp_path / "again").exists()
 
 
 @pytest.mark.parametrize("field, value", [("method", "nosuch"), ("prune_ratio", 0.0), ("prune_ratio", 1.0),
                                           ("importance", "nosuch"), ("target", "nosuch")])
-def test_bad_options_leave_nothing_behind(field, value, digits_baseline, tmp_path):
-    opts = CompressOptions(train=TrainConfig(epochs=0))
-    setattr(opts, field, value)
-    with pytest.raises(UserError):
-        run_compress(digits_baseline, tmp_path / "out", opts, quiet=True)
+def test_bad_options_are_refused_before_anything_is_written(field, value, digits_baseline, tmp_path):
+    with pytest.raises(UserError, match=f"^{field} must be"):
+        run_compress(digits_baseline, tmp_path / "out", CompressOptions(train=TrainConfig(epochs=0), **{field: value}),
+                     quiet=True)
     assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("distill, temperature", [(1.0, 4.0), (-0.1, 4.0), (0.5, 0.0)])
 def test_bad_distillation_options(distill, temperature, digits_baseline, tmp_path):
-    opts = CompressOptions(train=TrainConfig(epochs=0, distill=distill, temperature=temperature))
-    with pytest.raises(UserError, match="--distill"):
-        run_compress(digits_baseline, tmp_path / "out", opts, quiet=True)
+    with pytest.raises(UserError, match="^(distill|temperature) must be"):
+        run_compress(digits_baseline, tmp_path / "out",
+                     CompressOptions(train=TrainConfig(epochs=0, distill=distill, temperature=temperature)), quiet=True)
     assert list(tmp_path.iterdir()) == []
 
 

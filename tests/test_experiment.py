@@ -358,12 +358,12 @@ BAD = [  # (replacements in CONFIG, what the one-line error must say)
     ([('methods = ["hybrid", "prune", "quant"]', 'methods = ["hybrid", "distil"]')],
      "compress.methods: unknown method 'distil'"),
     ([('targets = ["onnxruntime"]', 'targets = ["tflite"]')], "export.targets: unknown target 'tflite'"),
-    ([('device = "x86"', 'device = "raspberry-pi"')], "profile.device: unknown device 'raspberry-pi'"),
+    ([('device = "x86"', 'device = "raspberry-pi"')], "profile.device must be one of android, jetson-agx-orin"),
     ([("[experiment]", "[experimnt]")], "unknown section [experimnt]; did you mean [experiment]?"),
     ([('data = "digits"\n', "")], "baseline.data is missing"),
     ([('model = "resnet8"', 'model = "resnet9000"')], "baseline.model: unknown model 'resnet9000'"),
     ([('model = "resnet8"', 'model = "resnet8"\nweights = "nope.th"')], "baseline.weights: file"),
-    ([("[export]", "[compress.quant]\nbits = [8, 4, 12]\n\n[export]")], "compress.quant: --bits must be"),
+    ([("[export]", "[compress.quant]\nbits = [8, 4, 12]\n\n[export]")], "compress.quant.bits must be in [2, 8], got [8, 4, 12]"),
     ([("[export]", "[compress.prune]\nprune_ratio = 1.5\n\n[export]")],
      "compress.prune.prune_ratio must be in (0, 1), got 1.5"),
     ([("[export]", "[compress.prune]\nepochs = -1\n\n[export]")], "compress.prune.epochs must be >= 0"),
@@ -373,14 +373,14 @@ BAD = [  # (replacements in CONFIG, what the one-line error must say)
     ([('methods = ["hybrid", "prune", "quant"]', 'methods = ["hybrid", "prune"]'),
       ("[export]", "[compress.quant]\nact_bits = 8\n\n[export]")],
      "[compress.quant] is set but 'quant' is not in compress.methods"),
-    ([("[export]\n", '[export]\nmixed = "both"\n')], "export.mixed: unknown mixed 'both'"),
+    ([("[export]\n", '[export]\nmixed = "both"\n')], "export.mixed must be one of split, layer, got 'both'"),
     ([("[export]\ntargets", "[export]\ntargets = []\ntarget")], "export.targets must not be empty"),
     ([("[baseline]\n", '[baseline]\ndir = "elsewhere"\n')], "cannot be combined with baseline.dir"),
     ([("[export]", "[report]\nhtml = 1\n\n[export]")], "report.html must be true or false, got 1"),
     ([('name = "tiny"', 'name = "tiny"\nname = "again"')], "not valid TOML"),
-    ([("calib_size = 64", "calib_size = 64\nwarmup = 1")], "baseline: --warmup must be in [0, --epochs), got 1"),
+    ([("calib_size = 64", "calib_size = 64\nwarmup = 1")], "baseline.warmup must be below baseline.epochs, got 1"),
     ([("[export]", "[compress.hybrid]\nwarmup = 2\n\n[export]")],
-     "compress.hybrid: --warmup must be in [0, --epochs), got 2"),
+     "compress.hybrid.warmup must be below compress.hybrid.epochs, got 2"),
     ([("calib_batches = 1\n\n[export]", "calib_batches = 1\nwarmup = -0.5\n\n[export]")],
      "compress.warmup must be >= 0"),
 ]
@@ -424,7 +424,7 @@ def test_training_settings_reach_the_stages(tmp_path):
         "[export]", "[compress.prune]\nwarmup = 1.5\nmixup = 1.0\ndistill = 0.5\n\n[export]"))
     cfg = load_config(tmp_path / "exp.toml")
     base = experiment_config.train_config(cfg.baseline, cfg.seed)
-    assert (base.warmup, base.optimizer, base.epochs, base.mixup, base.distill) == (0.5, "sgd", 2, 0.4, 0.0)
+    assert (base.warmup, base.optimizer, base.epochs, base.mixup) == (0.5, "sgd", 2, 0.4)
     prune = experiment_config.compress_options("prune", cfg.compress["prune"], cfg.seed).train
     hybrid = experiment_config.compress_options("hybrid", cfg.compress["hybrid"], cfg.seed).train
     assert (prune.warmup, prune.optimizer, hybrid.warmup, hybrid.optimizer) == (1.5, "adam", 0.0, "adam")

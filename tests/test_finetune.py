@@ -1,6 +1,7 @@
 """The fine-tuning loop: one cosine schedule across phases, the per-step hook, the distillation loss."""
 
 import copy
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -51,14 +52,16 @@ def test_warmup_holds_the_first_steps_back_and_phases_keep_it(tmp_path):
     assert [h["lr"] for h in phased] == pytest.approx([h["lr"] for h in whole])
 
 
-@pytest.mark.parametrize("cfg", [TrainConfig(epochs=2, warmup=2), TrainConfig(warmup=-1), TrainConfig(lr=0),
-                                 TrainConfig(distill=1.0), TrainConfig(temperature=0), TrainConfig(optimizer="lamb"),
-                                 TrainConfig(mixup=-1)],
-                         ids=["warmup-past-epochs", "negative-warmup", "lr-0", "distill-1", "temperature-0",
-                              "unknown-optimizer", "negative-mixup"])
-def test_bad_training_config_is_a_user_error(cfg):
-    with pytest.raises(UserError):
-        cfg.validate()
+@pytest.mark.parametrize("kwargs,message", [
+    ({"epochs": 2, "warmup": 2}, "warmup must be below epochs, got 2"), ({"warmup": -1}, "warmup must be >= 0"),
+    ({"lr": 0}, "lr must be > 0, got 0"), ({"distill": 1.0}, "distill must be in [0, 1), got 1"),
+    ({"temperature": 0}, "temperature must be > 0"), ({"optimizer": "lamb"}, "optimizer must be one of adam, sgd"),
+    ({"mixup": -1}, "mixup must be >= 0"), ({"lr": float("nan")}, "lr must be a finite number")],
+    ids=["warmup-past-epochs", "negative-warmup", "lr-0", "distill-1", "temperature-0", "unknown-optimizer",
+         "negative-mixup", "lr-nan"])
+def test_bad_training_config_is_refused_on_construction_naming_the_setting(kwargs, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        TrainConfig(**kwargs)
 
 
 def test_sgd_is_nesterov_momentum_and_a_checkpoint_resumes_only_with_its_own_optimizer(tmp_path):

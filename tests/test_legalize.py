@@ -81,7 +81,7 @@ def test_cpu_flags_decide_vnni():
 
 @pytest.mark.parametrize("target, fix, message", [
     ("executorch", "on", "do not saturate"),
-    ("openvino", "sometimes", "--overflow-fix must be one of"),
+    ("openvino", "sometimes", "overflow_fix must be one of auto, on, off"),
 ])
 def test_bad_overflow_fix_is_refused(tmp_path, target, fix, message):
     with pytest.raises(UserError, match=message):

@@ -14,15 +14,16 @@ from rich.console import Console
 from rich.markup import escape
 from typer._click.exceptions import ClickException
 
+from hpqdeploy import settings
+from hpqdeploy.cli.options import build, with_settings
+from hpqdeploy.config import CompressOptions, DataOptions, ExportOptions, ModelOptions, ProfileOptions, TrainConfig
 from hpqdeploy.errors import UserError
+from hpqdeploy.settings import SettingError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Hybrid pruning + adaptive quantization for edge runtimes.")
 console = Console(stderr=True)
 out_console = Console(width=None if sys.stdout.isatty() else 140)
-OPTIMIZER_HELP = "adam (the plan's) | sgd (Nesterov momentum 0.9; give it a larger --lr, e.g. 0.01-0.1)"
-WARMUP_HELP = "epochs of linear learning-rate warmup before the cosine decay (0: none)"
-MIXUP_HELP = "image models: blend training images in pairs, weight ~ Beta(alpha, alpha) (0: off; e.g. 1)"
 
 
 def _command() -> str:
@@ -37,149 +38,79 @@ def _emit(result, as_json: bool, table=None) -> None:
 
 
 @app.command()
+@with_settings(DataOptions, TrainConfig, ModelOptions, exclude=("distill", "temperature"), required=("name",))
 def train(
-    model: str = typer.Argument(..., help="registry name (resnet20, mobilenet_v2, minilm, ...), HF dir or module:fn"),
-    data: str = typer.Option(..., "--data", help="data set name (cifar10, sst2, digits, ...)"),
+    model: str = typer.Argument(..., help=settings.specs(ModelOptions)["model"][1].help),
     output: Path = typer.Option(..., "-o", "--output", help="output directory"),
-    data_dir: Optional[str] = typer.Option(None, "--data-dir"),
-    weights: Optional[Path] = typer.Option(None, "--weights",
-                                           help="pretrained weights: a state_dict file or .safetensors"),
-    scratch: bool = typer.Option(False, "--scratch", help="random initialisation instead of pretrained weights"),
-    epochs: int = typer.Option(10, "--epochs"),
-    lr: float = typer.Option(1e-3, "--lr"),
-    weight_decay: float = typer.Option(1e-4, "--weight-decay"),
-    warmup: float = typer.Option(0.0, "--warmup", help=WARMUP_HELP),
-    optimizer: str = typer.Option("adam", "--optimizer", help=OPTIMIZER_HELP),
-    mixup: float = typer.Option(0.0, "--mixup", help=MIXUP_HELP),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="default 64 for images, 32 for text"),
-    train_limit: Optional[int] = typer.Option(None, "--train-limit", help="fine-tune on this many examples"),
-    eval_limit: Optional[int] = typer.Option(None, "--eval-limit", help="evaluate on this many (default: all)"),
-    calib_size: int = typer.Option(512, "--calib-size"),
-    max_length: int = typer.Option(64, "--max-length", help="text models: tokens per example"),
-    dropout: Optional[float] = typer.Option(None, "--dropout",
-                                            help="text models: dropout of the classification head (default 0.5)"),
-    seed: int = typer.Option(0, "--seed"),
-    resume: bool = typer.Option(False, "--resume"),
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted run from its last epoch"),
     as_json: bool = typer.Option(False, "--json"),
     quiet: bool = typer.Option(False, "--quiet"),
+    **options,
 ):
     """Step 1: train or fine-tune a baseline and record its accuracy, parameters, MACs and bytes."""
-    from hpqdeploy.finetune import TrainConfig
-    from hpqdeploy.pipeline import DataOptions, run_train
+    from hpqdeploy.pipeline import run_train
     from hpqdeploy.cli.tables import comparison_table
 
-    batch = _default_batch(data) if batch_size is None else batch_size
-    cfg = TrainConfig(epochs, lr, weight_decay, batch, seed, warmup=warmup,
-                      optimizer=optimizer, mixup=mixup)
-    opts = DataOptions(data, data_dir, calib_size, train_limit, eval_limit)
-    metrics = run_train(model, opts, output, cfg, weights, max_length, quiet, resume, _command(), scratch, dropout)
+    cfg, data = build(TrainConfig, options), build(DataOptions, options)
+    m = build(ModelOptions, options, model=model)
+    metrics = run_train(model, data, output, cfg, Path(m.weights) if m.weights else None, m.max_length, quiet,
+                        resume, _command(), m.scratch, m.dropout)
     _emit(metrics, as_json, comparison_table([metrics], f"baseline → {output}"))
 
 
 @app.command()
+@with_settings(CompressOptions, TrainConfig, DataOptions, exclude=("name", "calib_size"))
 def compress(
     baseline: Path = typer.Argument(..., help="a `hpqdeploy train` output directory"),
     output: Path = typer.Option(..., "-o", "--output"),
-    method: str = typer.Option("hybrid", "--method", help="hybrid | prune | quant"),
-    prune_ratio: float = typer.Option(0.3, "--prune-ratio", help="fraction of neurons/channels removed per layer"),
-    bits: list[int] = typer.Option([8, 4], "--bits", help="weight bit widths, high and low (repeat the option)"),
-    low_bit_share: float = typer.Option(0.5, "--low-bit-share", help="budget: share of weights at the low width"),
-    act_bits: int = typer.Option(8, "--act-bits", help="activation bits (0: float activations)"),
-    importance: str = typer.Option("taylor", "--importance", help="taylor | magnitude"),
-    target: Optional[str] = typer.Option(None, "--target", help="restrict to what this runtime executes"),
-    fade: float = typer.Option(0.0, "--fade", help="share of the epochs over which pruned channels fade out "
-                                                     "before removal (0: remove at once)"),
-    reconstruct: bool = typer.Option(False, "--reconstruct", help="after removing channels, re-fit the layers that "
-                                     "read them to the baseline's outputs (least squares on calibration data)"),
-    epochs: int = typer.Option(10, "--epochs"),
-    lr: float = typer.Option(1e-3, "--lr"),
-    weight_decay: float = typer.Option(1e-4, "--weight-decay"),
-    warmup: float = typer.Option(0.0, "--warmup", help=WARMUP_HELP),
-    optimizer: str = typer.Option("adam", "--optimizer", help=OPTIMIZER_HELP),
-    mixup: float = typer.Option(0.0, "--mixup", help=MIXUP_HELP),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size"),
-    distill: float = typer.Option(0.9, "--distill", help="weight of distillation from the baseline (0: off)"),
-    temperature: float = typer.Option(4.0, "--temperature", help="distillation temperature"),
-    train_limit: Optional[int] = typer.Option(None, "--train-limit"),
-    eval_limit: Optional[int] = typer.Option(None, "--eval-limit"),
-    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="default: the baseline's"),
-    seed: int = typer.Option(0, "--seed"),
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted run from its last epoch"),
     as_json: bool = typer.Option(False, "--json"),
     quiet: bool = typer.Option(False, "--quiet"),
+    **options,
 ):
     """Prune, allocate bits, fine-tune once and evaluate (or either half alone)."""
     from hpqdeploy import artifact
-    from hpqdeploy.finetune import TrainConfig
-    from hpqdeploy.pipeline import CompressOptions, DataOptions, run_compress
+    from hpqdeploy.pipeline import run_compress
     from hpqdeploy.cli.tables import comparison_table
 
-    base_data = _baseline_data(baseline)
-    data = DataOptions(**{**base_data, **{k: v for k, v in {"data_dir": data_dir, "train_limit": train_limit,
-                                                             "eval_limit": eval_limit}.items() if v is not None}})
-    batch = _default_batch(data.name) if batch_size is None else batch_size
-    cfg = TrainConfig(epochs, lr, weight_decay, batch, seed, distill, temperature,
-                      warmup=warmup, optimizer=optimizer, mixup=mixup)
-    opts = CompressOptions(method, prune_ratio, tuple(bits), low_bit_share, act_bits or None, importance, target,
-                           train=cfg, fade=fade,
-                           reconstruct=reconstruct)
+    opts = build(CompressOptions, options, train=build(TrainConfig, options))  # the settings first, then files
+    given = {k: options[k] for k in ("data_dir", "train_limit", "eval_limit") if options[k] is not None}
+    data = build(DataOptions, {}, **{**_baseline_data(baseline), **given})
     metrics = run_compress(baseline, output, opts, data, quiet, resume, _command())
     base = artifact.load(baseline).metrics
-    _emit(metrics, as_json, comparison_table([base, metrics], f"{method} → {output}"))
+    _emit(metrics, as_json, comparison_table([base, metrics], f"{opts.method} → {output}"))
 
 
 @app.command()
+@with_settings(ExportOptions, required=("target",))
 def export(
     source: Path = typer.Argument(..., help="a `hpqdeploy compress` (or `train`) output directory"),
-    target: str = typer.Option(..., "--target", help="tensorrt | openvino | executorch | onnxruntime"),
     output: Path = typer.Option(..., "-o", "--output"),
-    mixed: str = typer.Option("split", "--mixed", help="mixed bit widths in one layer: split | layer"),
-    batch_size: int = typer.Option(32, "--batch-size", help="evaluation batch"),
-    eval_limit: Optional[int] = typer.Option(None, "--eval-limit"),
-    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="default: the one recorded in the artifact"),
-    threads: int = typer.Option(1, "--threads"),
-    overflow_fix: str = typer.Option("auto", "--overflow-fix",
-                                     help="int8 kernels exact on x86 CPUs without VNNI (OpenVINO: 7-bit "
-                                          "weights; ONNX Runtime: u8 x u8): auto (this CPU) | on | off"),
     as_json: bool = typer.Option(False, "--json"),
     quiet: bool = typer.Option(False, "--quiet"),
+    **options,
 ):
     """Lower to a runtime's native artifact, evaluate it inside the runtime, write export.json."""
-    from hpqdeploy.export import ExportOptions, run_export
+    from hpqdeploy.export import run_export
     from hpqdeploy.cli.tables import export_table
 
-    opts = ExportOptions(target, mixed, batch_size, eval_limit, threads=threads, data_dir=data_dir,
-                         overflow_fix=overflow_fix)
-    report = run_export(source, output, opts, quiet, _command())
+    report = run_export(source, output, build(ExportOptions, options), quiet, _command())
     _emit(report, as_json, export_table(report))
 
 
 @app.command()
+@with_settings(ProfileOptions)
 def profile(
     source: Path = typer.Argument(..., help="a `hpqdeploy export` output directory"),
     output: Path = typer.Option(..., "-o", "--output", help="directory for profile.json"),
-    device: str = typer.Option("x86", "--device", help="device kind: a file in profiles/"),
-    runner: Optional[str] = typer.Option(None, "--runner", help="default: the device's runner for the artifact"),
-    batch_size: int = typer.Option(1, "--batch-size"),
-    threads: int = typer.Option(1, "--threads"),
-    warmup: int = typer.Option(20, "--warmup"),
-    iters: int = typer.Option(200, "--iters", help="timed calls per repeat"),
-    min_seconds: float = typer.Option(0.0, "--min-seconds", help="and at least this long per repeat"),
-    repeats: int = typer.Option(3, "--repeats"),
-    idle_seconds: float = typer.Option(2.0, "--idle-seconds", help="idle power window (with a meter)"),
-    pin_clocks: bool = typer.Option(False, "--pin-clocks", help="run the profile's clock-pinning commands"),
-    serial: Optional[str] = typer.Option(None, "--serial", help="adb device serial (android)"),
-    meter: Optional[str] = typer.Option(None, "--meter", help="another power meter, e.g. tegrastats on Jetsons"),
-    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="default: the one recorded in the artifact"),
     as_json: bool = typer.Option(False, "--json"),
+    **options,
 ):
     """Latency percentiles, throughput, memory and energy of an exported artifact on a device."""
-    from hpqdeploy.profile import ProfileOptions, run_profile
+    from hpqdeploy.profile import run_profile
     from hpqdeploy.cli.tables import profile_table
 
-    opts = ProfileOptions(device, runner, batch_size, threads, warmup, iters, min_seconds, repeats, idle_seconds,
-                          pin_clocks, serial, data_dir, meter)
-    result = run_profile(source, output, opts, command=_command())
+    result = run_profile(source, output, build(ProfileOptions, options), command=_command())
     if as_json:
         result = {k: v for k, v in result.items() if k != "repeats"}
     _emit(result, as_json, profile_table(result))
@@ -241,10 +172,6 @@ def demo(
         console.print(f"report: {report} (and report.html beside it)")
 
 
-def _default_batch(data: str) -> int:
-    return 32 if data in ("sst2", "qqp") else 64
-
-
 def _baseline_data(baseline: Path) -> dict:
     plan = baseline / "plan.json"
     if not plan.is_file():
@@ -288,6 +215,9 @@ def main() -> None:
             _interrupted(130)
         if isinstance(code, int) and code:
             sys.exit(code)
+    except SettingError as exc:  # a setting given on the command line: named as it was written there
+        console.print(f"[red]error:[/red] {escape(exc.render(settings.cli_name))}", highlight=False, soft_wrap=True)
+        sys.exit(exc.exit_code)
     except UserError as exc:
         console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)

@@ -9,9 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import lzma
-import os
 import tarfile
-import tempfile
 import warnings
 import zipfile
 from pathlib import Path, PurePosixPath
@@ -19,6 +17,7 @@ from pathlib import Path, PurePosixPath
 import numpy as np
 from PIL import Image
 
+from hpqdeploy import atomic
 from hpqdeploy.data.base import DataRequest, DatasetInfo, Splits, register_dataset
 from hpqdeploy.data.images import image_splits
 from hpqdeploy.errors import UserError
@@ -132,14 +131,12 @@ def _cached(archive: Path, split: str, cache_dir: Path) -> Arrays:
 def _save_atomically(path: Path, **arrays: np.ndarray) -> None:
     """Write to a temporary file next to `path`, then rename: readers never see a half-written cache."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
             np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+
+    atomic.write_file(path, write)
 
 
 def _from_hub() -> tuple[Arrays, Arrays, str]:

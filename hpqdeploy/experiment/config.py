@@ -12,11 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hpqdeploy.errors import UserError
+from hpqdeploy.settings import SettingError, key_of, toml_name
+from hpqdeploy.settings import specs as settings_specs
 from hpqdeploy.experiment.schema import (BASELINE, BASELINE_DIR_KEYS, COMPRESS, EXPERIMENT, EXPORT, KINDS, METHODS,
                                          PROFILE, REPORT, SECTIONS, Key, has_kind, method_names)
-
-TEXT_DATA = ("sst2", "qqp")  # default batch 32 (text), else 64 (images), as the CLI does
-
 
 @dataclass(frozen=True)
 class ExperimentConfig:
@@ -51,10 +50,6 @@ class ExperimentConfig:
 
 def _resolve(root: Path, value: str) -> Path:
     return (root / Path(value).expanduser()).resolve()
-
-
-def _default_batch_size(data: str) -> int:
-    return 32 if data in TEXT_DATA else 64
 
 
 def _toml_type(value) -> str:
@@ -161,14 +156,13 @@ def _baseline(c: _Checker, table, root: Path) -> tuple[dict, str]:
             if settings[key] is None:
                 raise c.fail(f"baseline.{key} is missing (or give baseline.dir, an existing `train` output)")
         data = settings["data"]
-        settings["batch_size"] = settings["batch_size"] or _default_batch_size(data)
         if settings["weights"] is not None and not (weights := _resolve(root, settings["weights"])).is_file():
             raise c.fail(f"baseline.weights: file {weights} not found")
         _check_model(c, settings["model"], root)
         try:
-            train_config(settings, seed=0).validate()
-        except UserError as exc:  # the stage's own checks (warmup against epochs), named by key here
-            raise c.fail(f"baseline: {exc}") from None
+            train_config(settings, seed=0)
+        except SettingError as exc:  # the stage's own checks (warmup against epochs), named by key here
+            raise c.fail(exc.render(toml_name("baseline"))) from None
     if settings["data_dir"] is not None and not (data_dir := _resolve(root, settings["data_dir"])).exists():
         raise c.fail(f"baseline.data_dir: {data_dir} does not exist")
     return settings, data
@@ -190,11 +184,11 @@ def _compress(c: _Checker, table, data: str) -> dict[str, dict]:
         explicit = table.get(method, {})
         own = c.section(f"compress.{method}", explicit, COMPRESS)
         settings = {k: (own[k] if k in explicit else shared[k]) for k in COMPRESS}
-        settings["batch_size"] = settings["batch_size"] or _default_batch_size(data)
         try:
-            compress_options(method, settings, seed=0).validate()
-        except UserError as exc:  # the stage's own checks (bits, distillation), named by key here
-            raise c.fail(f"compress.{method}: {exc}") from None
+            compress_options(method, settings, seed=0)
+        except SettingError as exc:  # the stage's own checks (bits, fading), named by key here
+            where = f"compress.{method}" if exc.key in explicit else "compress"
+            raise c.fail(exc.render(toml_name(where))) from None
         compress[method] = settings
     return compress
 
@@ -236,21 +230,25 @@ def _check_model(c: _Checker, name: str, root: Path) -> None:
         raise c.fail(f"baseline.model: {exc}") from None
 
 
-def train_config(s: dict, seed: int):
-    """The `TrainConfig` the baseline's settings stand for."""
-    from hpqdeploy.finetune import TrainConfig
+def fields_of(cls, s: dict) -> dict:
+    """The keyword arguments of configuration class `cls` among a section's settings (by key, as declared)."""
+    out = {}
+    for name, (f, spec) in settings_specs(cls).items():
+        key = key_of(f, spec)
+        if key in s:
+            out[name] = tuple(s[key]) if isinstance(s[key], list) else s[key]
+    return out
 
-    return TrainConfig(s["epochs"], s["lr"], s["weight_decay"], s["batch_size"], seed, warmup=s["warmup"],
-                       optimizer=s["optimizer"], mixup=s["mixup"])
+
+def train_config(s: dict, seed: int):
+    """The `TrainConfig` a section's settings stand for."""
+    from hpqdeploy.config import TrainConfig
+
+    return TrainConfig(**{**fields_of(TrainConfig, s), "seed": seed})
 
 
 def compress_options(method: str, s: dict, seed: int):
-    """The `CompressOptions` one method's settings stand for: the baseline's training keys plus distillation."""
-    from dataclasses import replace
+    """The `CompressOptions` one method's settings stand for: the training keys plus the method's own."""
+    from hpqdeploy.config import CompressOptions
 
-    from hpqdeploy.pipeline import CompressOptions
-
-    train = replace(train_config(s, seed), distill=s["distill"], temperature=s["temperature"])
-    return CompressOptions(method, s["prune_ratio"], tuple(s["bits"]), s["low_bit_share"], s["act_bits"] or None,
-                           s["importance"], s["target"], s["calib_batches"], train, s["fade"],
-                           s["reconstruct"])
+    return CompressOptions(**fields_of(CompressOptions, s), method=method, train=train_config(s, seed))

@@ -9,15 +9,11 @@ import uuid
 from dataclasses import replace
 from pathlib import Path
 
+from hpqdeploy import atomic
 from hpqdeploy.errors import UserError
 from hpqdeploy.experiment.config import ExperimentConfig, load_config
 from hpqdeploy.experiment.state import STATE_FILE, UNFINISHED, load_state, locked, now, save_state
 from hpqdeploy.experiment.steps import MARKERS, Step, environment_reason, plan_steps, step_hash
-
-
-def _partial(out: Path) -> Path:
-    """Where a step keeps its checkpoints until it finishes."""
-    return out.with_name(out.name + ".partial")
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -120,7 +116,7 @@ class _Run:
         except Exception as exc:  # noqa: BLE001 - classified, recorded, then re-raised as one line
             reason = environment_reason(step.kind, exc)
             if reason is not None:
-                shutil.rmtree(_partial(step.output), ignore_errors=True)
+                shutil.rmtree(atomic.partial_dir(step.output), ignore_errors=True)
                 rec = self.finish(step, "skipped", t0, reason=reason)
                 return self.result(step, "skipped", rec)
             message = str(exc) if isinstance(exc, UserError) else f"{type(exc).__name__}: {exc}"
@@ -139,7 +135,7 @@ class _Run:
                                 "another [experiment] out")
             shutil.rmtree(step.output)
         if not resume:
-            shutil.rmtree(_partial(step.output), ignore_errors=True)
+            shutil.rmtree(atomic.partial_dir(step.output), ignore_errors=True)
 
     def finish(self, step: Step, status: str, t0: float, reason: str | None = None) -> dict:
         rec = self.records[step.name]

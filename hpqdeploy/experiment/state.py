@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
+from hpqdeploy import atomic
 from hpqdeploy.errors import UserError
 
 STATE_FILE = "experiment.json"
@@ -38,9 +39,7 @@ def load_state(path: Path, experiment: str) -> dict:
 def save_state(path: Path, state: dict) -> None:
     """Write `state` whole (through a temporary file), stamped with the time."""
     state["updated"] = now()
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(state, indent=2) + "\n")
-    tmp.replace(path)
+    atomic.write_text(path, json.dumps(state, indent=2) + "\n")
 
 
 @contextmanager

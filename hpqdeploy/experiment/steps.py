@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from hpqdeploy.errors import MissingExtra, UserError
-from hpqdeploy.experiment.config import ExperimentConfig, compress_options, local_model, train_config
+from hpqdeploy.experiment.config import ExperimentConfig, compress_options, fields_of, local_model, train_config
 
 MARKERS = {"baseline": "metrics.json", "compress": "metrics.json", "export": "export.json",
            "profile": "profile.json", "report": "report.json"}  # the file a finished output of each kind holds
@@ -129,10 +129,11 @@ def _baseline_step(cfg: ExperimentConfig, quiet: bool, command: str) -> Step:
         inputs["model_files"] = dir_fingerprint(local)
 
     def action(out: Path, resume: bool):
-        from hpqdeploy.pipeline import DataOptions, run_train
+        from hpqdeploy.config import DataOptions
+        from hpqdeploy.pipeline import run_train
 
         model = str(local) if local is not None else s["model"]
-        data = DataOptions(s["data"], _data_dir(cfg), s["calib_size"], s["train_limit"], s["eval_limit"])
+        data = DataOptions(**{**fields_of(DataOptions, s), "data_dir": _data_dir(cfg)})
         return run_train(model, data, out, train_config(s, cfg.seed), cfg.resolve(s["weights"]), s["max_length"],
                          quiet, resume, command, s["scratch"], s["dropout"])
 
@@ -141,14 +142,13 @@ def _baseline_step(cfg: ExperimentConfig, quiet: bool, command: str) -> Step:
 
 def _compress_action(cfg: ExperimentConfig, method: str, s: dict, quiet: bool, command: str):
     def action(out: Path, resume: bool):
-        from hpqdeploy.pipeline import DataOptions, run_compress
+        from hpqdeploy.config import DataOptions
+        from hpqdeploy.pipeline import run_compress
 
         baseline = cfg.resolve(cfg.baseline["dir"]) if cfg.baseline["dir"] else cfg.out / "baseline"
-        data = DataOptions(**json.loads((baseline / "plan.json").read_text())["data"])
-        for key in ("train_limit", "eval_limit"):
-            if s[key] is not None:
-                setattr(data, key, s[key])
-        data.data_dir = _data_dir(cfg) or data.data_dir
+        recorded = json.loads((baseline / "plan.json").read_text())["data"]
+        given = {k: s[k] for k in ("train_limit", "eval_limit") if s[k] is not None}
+        data = DataOptions(**{**recorded, **given, "data_dir": _data_dir(cfg) or recorded.get("data_dir")})
         return run_compress(baseline, out, compress_options(method, s, cfg.seed), data, quiet, resume, command)
 
     return action
@@ -156,11 +156,10 @@ def _compress_action(cfg: ExperimentConfig, method: str, s: dict, quiet: bool, c
 
 def _export_action(cfg: ExperimentConfig, source: Step, target: str, quiet: bool, command: str):
     def action(out: Path, resume: bool):
-        from hpqdeploy.export import ExportOptions, run_export
+        from hpqdeploy.config import ExportOptions
+        from hpqdeploy.export import run_export
 
-        e = cfg.export
-        opts = ExportOptions(target, e["mixed"], e["batch_size"], e["eval_limit"], e["calib_batches"], e["threads"],
-                             _data_dir(cfg), e["overflow_fix"])
+        opts = ExportOptions(**{**fields_of(ExportOptions, cfg.export), "target": target, "data_dir": _data_dir(cfg)})
         return run_export(source.output, out, opts, quiet, command)
 
     return action
@@ -168,12 +167,11 @@ def _export_action(cfg: ExperimentConfig, source: Step, target: str, quiet: bool
 
 def _profile_action(cfg: ExperimentConfig, export: Step, batch: int, command: str):
     def action(out: Path, resume: bool):
-        from hpqdeploy.profile import ProfileOptions, run_profile
+        from hpqdeploy.config import ProfileOptions
+        from hpqdeploy.profile import run_profile
 
-        p = cfg.profile
-        opts = ProfileOptions(p["device"], p["runner"], batch, p["threads"], p["warmup"], p["iters"],
-                              p["min_seconds"], p["repeats"], p["idle_seconds"], p["pin_clocks"], p["serial"],
-                              _data_dir(cfg), p["meter"])
+        opts = ProfileOptions(**{**fields_of(ProfileOptions, cfg.profile), "batch_size": batch,
+                                 "data_dir": _data_dir(cfg)})
         return run_profile(export.output, out, opts, command=command)
 
     return action

@@ -29,9 +29,10 @@ import torch.nn as nn
 
 from hpqdeploy.errors import UserError
 from hpqdeploy.hooks import forward, forward_hooks
-from hpqdeploy.lower.torch_prep import QuantParams, fold_batchnorm, quant_params
+from hpqdeploy.lower.torch_prep import fold_batchnorm
 from hpqdeploy.models.cifar_resnet import ChannelMapShortcut
-from hpqdeploy.quantize import TensorQuant, _QuantMixin, quantize_weight
+from hpqdeploy.qparams import QuantParams, qmax, quant_params, quantize_weight, weight_bound
+from hpqdeploy.quantize import TensorQuant, _QuantMixin
 
 STATIC, DYNAMIC, WEIGHT_ONLY, FLOAT = "static int8", "dynamic int8 activations", "weight-only", "float"
 _WEIGHT_OPS = (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)
@@ -72,8 +73,7 @@ def _float_layer(m: _QuantMixin, role: str, p: QuantParams) -> nn.Module:
     if role == FLOAT:
         w = quantize_weight(w, m.w_bits, m.w_clip, m.group_size)
     else:  # clipped to the plan's range, as the plan's quantizer clips it
-        step = p.scales.repeat_interleave(p.group_size or w[0].numel(), dim=1).view_as(w)
-        top = step * (2 ** (p.bits - 1) - 1)
+        top = weight_bound(p)
         w = torch.clamp(w, -top, top)
     if isinstance(m, nn.Conv2d):
         twin: nn.Module = nn.Conv2d(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding, m.dilation,
@@ -281,7 +281,7 @@ def keep_plan_ranges(prepared: torch.fx.GraphModule, plans: dict[str, LayerPlan]
         static_layers += 1
         p = plans[owner].params
         old = modules[node.args[1].target]
-        top = p.scales.flatten() * float(2 ** (p.bits - 1) - 1)
+        top = p.scales.flatten() * qmax(p.bits)
         weight_obs = PerChannelMinMaxObserver(ch_axis=0, dtype=old.dtype, qscheme=old.qscheme,
                                               quant_min=old.quant_min, quant_max=old.quant_max, eps=_WEIGHT_EPS)
         weight_obs(torch.stack([-top, top], dim=1))

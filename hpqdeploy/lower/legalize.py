@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
-from hpqdeploy.lower import torch_prep
-from hpqdeploy.quantize import QEmbedding, QLinear, _QuantMixin, op_kind, qmax, quantize_weight
+from hpqdeploy.qparams import qmax, quant_params, quantize_weight
+from hpqdeploy.quantize import QEmbedding, QLinear, _QuantMixin, op_kind
 from hpqdeploy.targets import Target
 
 MIXED_MODES = ("split", "layer")
@@ -54,7 +54,7 @@ def _pin_values(m: _QuantMixin, rows: torch.Tensor, clip: float) -> None:
 def _keep_values(m: _QuantMixin, rows: torch.Tensor, old: int, new: int) -> None:
     """Raise `rows` to `new` bits without re-quantizing the float weights: the raised layer computes exactly what
     the compressed model computed (the `old`-bit values, same step), now on the runtime's wider grid."""
-    _pin_values(m, rows, float(qmax(torch.tensor(new)) / qmax(torch.tensor(old))))
+    _pin_values(m, rows, float(qmax(new) / qmax(old)))
 
 
 def legalize(model: nn.Module, target: Target, mixed: str = "split") -> list[Change]:
@@ -159,11 +159,11 @@ def narrow_int8_weights(model: nn.Module, runtime: str) -> list[Change]:
         if (not isinstance(m, _QuantMixin) or m.group_size or not int(m.act_bits) or m.act_dynamic
                 or set(m.w_bits.tolist()) != {8}):
             continue
-        ints = torch_prep.quant_params(m).int_weight
+        ints = quant_params(m).int_weight
         rows = ints.reshape(len(ints), -1).abs().amax(1) > NARROW_QMAX
         if not rows.any():
             continue
-        _pin_values(m, rows, 127 / NARROW_QMAX)  # new step = 127 * step / 63: the largest value lands on 63
+        _pin_values(m, rows, float(qmax(8)) / NARROW_QMAX)  # new step = 127 * step / 63: the largest lands on 63
         changes.append(Change(name, "weight range", f"8-bit x{int(rows.sum())} channels",
                               f"7-bit values (|q| <= {NARROW_QMAX}) stored as int8",
                               f"{runtime}'s int8 kernels on this CPU (no VNNI) add u8 x i8 pairs in saturating int16"))

@@ -39,7 +39,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from hpqdeploy.errors import UserError
-from hpqdeploy.lower.torch_prep import QuantParams, export_form, export_qparams, fold_batchnorm, quant_params
+from hpqdeploy.export_form import export_form
+from hpqdeploy.lower.torch_prep import fold_batchnorm
+from hpqdeploy.qparams import QuantParams, activation_qparams, dequantized_weight, quant_params, unsigned_codes
 from hpqdeploy.quantize import _QuantMixin, op_kind
 
 MS_DOMAIN = "com.microsoft"
@@ -169,13 +171,6 @@ class _EmbeddingStandIn(_StandIn):
         return F.embedding(ids, self.weight)
 
 
-def dequantized_weight(p: QuantParams) -> torch.Tensor:
-    """integer x scale, group by group: bit-identical to `quantize.quantize_weight`."""
-    ints = p.int_weight.float()
-    grouped = ints.reshape(ints.shape[0], p.scales.shape[1], -1) * p.scales.reshape(ints.shape[0], -1, 1)
-    return grouped.view_as(ints)
-
-
 def activation_quant(name: str, m: _QuantMixin, flavor: QdqFlavor) -> ActQuant | None:
     bits = int(m.act_bits)
     if not bits:
@@ -188,7 +183,7 @@ def activation_quant(name: str, m: _QuantMixin, flavor: QdqFlavor) -> ActQuant |
     lo, hi = (float(v) for v in (m.act_source or m).act_range)
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise UserError(f"layer {name}: activation range was never calibrated; the artifact is incomplete")
-    scale, zp, qmin, qmax = export_qparams(lo, hi, bits, symmetric=flavor.activations == "int8")
+    scale, zp, qmin, qmax = activation_qparams(lo, hi, bits, symmetric=flavor.activations == "int8")
     if qmin == 0:
         return ActQuant(scale, zp, qmin, qmax)
     return ActQuant(scale, zp, qmin, qmax, "max(|lo|,|hi|)/127 from the plan's activation range (no fresh calibration)")
@@ -404,7 +399,8 @@ class WeightWriter:
         if layer.kind == "linear":  # stored (in, out): the output channel is axis 1
             ints, axis = ints.T, 1
         if self.flavor.weights == "uint8":
-            codes, zero = (ints.astype(np.int16) + 128).astype(np.uint8), np.full(scale.shape, 128, np.uint8)
+            codes, zero_point = unsigned_codes(ints, 8)
+            zero = np.full(scale.shape, zero_point, np.uint8)
         else:
             codes, zero = ints.astype(np.int8), np.zeros(scale.shape, np.int8)
         q = self._array(f"{key}_quantized", codes)
@@ -471,8 +467,7 @@ class WeightWriter:
             raise UserError(f"layer {layer.name}: MatMulNBits needs a power-of-two group size >= 16, got {block}")
         users = self._only_consumed_by(key, layer, "MatMul", 1)
         self._take(key, layer)
-        codes = (p.int_weight.numpy().astype(np.int16) + (1 << (p.bits - 1))).astype(np.uint8)
-        codes = codes.reshape(n, k // block, block)
+        codes = unsigned_codes(p.int_weight.numpy(), p.bits)[0].reshape(n, k // block, block)
         if p.bits == 4:  # two codes per byte along K, low nibble first
             codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
         scales = np.broadcast_to(p.scales.numpy(), (n, k // block)) if p.group_size is None else p.scales.numpy()
@@ -493,7 +488,7 @@ class WeightWriter:
     def _write_gather_block_uint8(self, layer: LayerForm, key: str) -> None:
         p = layer.params
         block = _row_block(p)
-        codes = (p.int_weight.numpy().astype(np.int16) + 128).astype(np.uint8)  # uint8 data: default zero point 128
+        codes, _ = unsigned_codes(p.int_weight.numpy(), 8)  # uint8 data: the default zero point, 128
         scales = np.repeat(p.scales.numpy().reshape(-1, 1), codes.shape[1] // block, axis=1)
         self._gather_block(layer, key, codes, scales, block, bits=8)
 

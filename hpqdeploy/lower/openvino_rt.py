@@ -1,6 +1,6 @@
 """OpenVINO (CPU plugin): the plan's quantization as an IR (`model.xml` + `model.bin`) the CPU plugin executes.
 
-The legalized model is converted by OpenVINO's PyTorch frontend under `torch_prep.export_form()`, so the plan's
+The legalized model is converted by OpenVINO's PyTorch frontend under `export_form.export_form()`, so the plan's
 8-bit per-channel weights and static activation ranges arrive as FakeQuantize: OpenVINO stores weight FakeQuantize
 as i8 constants + Convert + Multiply and keeps activation FakeQuantize (256 levels), from which the CPU plugin
 builds int8 convolutions and matmuls.
@@ -26,9 +26,11 @@ import numpy as np
 import torch
 
 from hpqdeploy.errors import UserError
-from hpqdeploy.lower import torch_prep
-from hpqdeploy.lower.cpu import int8_dot_product
+from hpqdeploy.export_form import export_form, exports_int8_fake_quant
 from hpqdeploy.lower.base import Lowered, LoweringContext, Runtime, Session, register_runtime
+from hpqdeploy.lower.cpu import int8_dot_product
+from hpqdeploy.lower.torch_prep import fold_batchnorm
+from hpqdeploy.qparams import dequantized_weight, quant_params
 from hpqdeploy.quantize import QEmbedding, QLinear, _QuantMixin
 
 MODEL_XML = "model.xml"
@@ -79,23 +81,17 @@ class _WeightOnly:
     group_size: int | None
 
 
-def _exports_fake_quant(m: _QuantMixin) -> bool:
-    """Mirrors `torch_prep.export_weight`: only uniform 8-bit per-channel weights become a FakeQuantize."""
-    return int(m.w_bits.min()) == int(m.w_bits.max()) == 8 and m.group_size is None
-
-
 def _pin_weight_only_layers(model: torch.nn.Module) -> list[_WeightOnly]:
     layers = []
     for name, m in model.named_modules():
-        if not isinstance(m, _QuantMixin) or _exports_fake_quant(m):
+        if not isinstance(m, _QuantMixin) or exports_int8_fake_quant(m):
             continue
         bits = int(m.w_bits.max())
         if not isinstance(m, (QLinear, QEmbedding)):
             raise UserError(f"OpenVINO runs convolutions with 8-bit per-channel weights only; {name} has "
                             f"{bits}-bit weights (export with --target openvino legalizes them)")
-        p = torch_prep.quant_params(m)
-        out, g = m.weight.shape[0], p.group_size or m.weight[0].numel()
-        dequantized = (p.int_weight.float().view(out, -1, g) * p.scales.unsqueeze(-1)).view_as(m.weight)
+        p = quant_params(m)
+        dequantized = dequantized_weight(p)
         m.register_buffer("dequantized", dequantized.detach().clone())
         m.__class__ = _PinnedLinear if isinstance(m, QLinear) else _PinnedEmbedding
         layers.append(_WeightOnly(name, dequantized.numpy(), p.int_weight.numpy(), p.scales.numpy(), p.bits,
@@ -146,7 +142,7 @@ def _convert(model: torch.nn.Module, example):
     else:
         example = torch.cat([example[:1], example[:1]])
     try:
-        with torch_prep.export_form(), warnings.catch_warnings():
+        with export_form(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return ov.convert_model(model, example_input=example)
     except Exception as exc:  # unsupported op or untraceable model: the frontend's first line says which
@@ -199,7 +195,7 @@ class OpenVINORuntime(Runtime):
         import openvino as ov
 
         model = copy.deepcopy(ctx.model).eval()
-        folded = torch_prep.fold_batchnorm(model)
+        folded = fold_batchnorm(model)
         weight_only = _pin_weight_only_layers(model)
         ov_model = _convert(model, ctx.example_inputs)
         _fix_shapes(ov_model, ctx.example_inputs)

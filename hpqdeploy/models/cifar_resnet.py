@@ -88,7 +88,7 @@ class CifarResNet(nn.Module):
 
 def load_akamaster_checkpoint(model: CifarResNet, path) -> None:
     """Load a `{'state_dict': {'module.<name>': ...}}` checkpoint of akamaster/pytorch_resnet_cifar10."""
-    from hpqdeploy.models.registry import read_state_dict
+    from hpqdeploy.models.spec import read_state_dict
 
     state = {k.removeprefix("module."): v for k, v in read_state_dict(path).items()}
     # The shortcut buffers are not in the checkpoint: keep the ones the constructor made.

@@ -1,17 +1,29 @@
-"""The builders behind the model registry, one per family."""
+"""The builders behind the model registry, one per family, and the model names each one builds."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from hpqdeploy.errors import UserError
 from hpqdeploy.models import cifar_resnet, hf_text, torchvision_zoo
-from hpqdeploy.models.registry import (LoadedModel, ModelSpec, call_factory, image_collate, read_state_dict,
-                                       register_family)
+from hpqdeploy.models.spec import LoadedModel, ModelSpec, call_factory, image_collate, read_state_dict
 
 CIFAR_DEPTHS = {"resnet8": 8, "resnet20": 20, "resnet32": 32, "resnet44": 44, "resnet56": 56, "resnet110": 110}
+FAMILIES: dict[str, Callable[..., LoadedModel]] = {}  # family -> builder
+MODEL_NAMES: dict[str, str] = {}  # registered model name -> family
+
+
+def register_family(family: str, names: list[str]):
+    def deco(fn):
+        FAMILIES[family] = fn
+        for n in names:
+            MODEL_NAMES[n] = family
+        return fn
+
+    return deco
 
 
 def _image_example(input_shape) -> torch.Tensor:

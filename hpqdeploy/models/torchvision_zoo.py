@@ -20,7 +20,7 @@ def build(name: str, num_classes: int, weights: Path | None, pretrained: bool) -
 
     if weights is not None:
         model = torchvision.models.get_model(name, weights=None, num_classes=num_classes)
-        from hpqdeploy.models.registry import read_state_dict
+        from hpqdeploy.models.spec import read_state_dict
 
         state = read_state_dict(weights)
         try:

@@ -26,11 +26,10 @@ OUT is written as OUT.partial and renamed when complete.
 from __future__ import annotations
 
 import json
-import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
-from hpqdeploy.errors import UserError
+from hpqdeploy import atomic
 from hpqdeploy.reporting.collect import discover, link
 from hpqdeploy.reporting.groups import Group, group
 from hpqdeploy.reporting.model_plots import draw_model_plots
@@ -66,15 +65,10 @@ def run_report(dirs: list[Path], out: Path, html: bool = False) -> dict:
     """Collect every result under `dirs` and write report.md, report.json and the PNGs (and report.html when
     `html`) into `out`, atomically. Returns what report.json holds."""
     out = Path(out)
-    if out.exists():
-        raise UserError(f"output directory {out} exists; choose another -o or remove it")
+    atomic.check_output(out)
     require_matplotlib()
     report, groups = _report_data(dirs)
-    work = out.with_name(out.name + ".partial")
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir(parents=True)
-    try:
+    with atomic.directory(out) as work:
         model_blocks = [draw_model_plots(g, m, work) for g, m in zip(groups, report["models"])]
         blocks = document(report, model_blocks)
         (work / "report.md").write_text(render_markdown(blocks))
@@ -82,8 +76,4 @@ def run_report(dirs: list[Path], out: Path, html: bool = False) -> dict:
         if html:
             images = {p.name: p.read_bytes() for p in work.glob("*.png")}
             (work / "report.html").write_text(render_html(blocks, images, "hpqdeploy report"))
-        work.replace(out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
     return report
