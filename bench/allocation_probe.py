@@ -1,6 +1,6 @@
 """Probe: fine-tune a hand-set pruning allocation or fine-tuning recipe, to test what compress should prefer.
 
-`hpqdeploy compress` chooses each group's kept channels itself (hpqdeploy/prune.py `allocate`). This script runs
+`hpqdeploy compress` chooses each group's kept channels itself (hpqdeploy/core/prune.py `allocate`). This script runs
 the same `compress` pipeline with some groups' kept counts overridden, so an allocation the allocator did not pick
 can be measured with the same data, fine-tuning and evaluation as the acceptance table; `--seed` repeats a run
 with another fine-tuning seed, `--attention` adds attention transfer to the distillation, `--warmup`,
@@ -27,11 +27,12 @@ from pathlib import Path
 import torch
 
 from compress_bench import RESNET_EPOCHS  # the epochs of the `resnet20` table
-from hpqdeploy import prune
+from hpqdeploy.config import OPTIMIZERS, TrainConfig
+from hpqdeploy.config import CompressOptions
+from hpqdeploy.core import prune
+from hpqdeploy.core.importance import CRITERIA
 from hpqdeploy.errors import UserError
-from hpqdeploy.finetune import OPTIMIZERS, TrainConfig
-from hpqdeploy.importance import CRITERIA
-from hpqdeploy.pipeline import CompressOptions, run_compress
+from hpqdeploy.pipeline import run_compress
 
 RESULTS = Path(__file__).parent / "results" / "allocation_probe.json"
 COMPRESS = RESULTS.with_name("compress.json")  # the allocator's own choice, for comparison

@@ -64,8 +64,8 @@ def resnet_reconstruct_spec(epochs: int) -> dict:
 
 def resnet_fade_spec(epochs: int, fade: float = 0.3) -> dict:
     """Ablation: the pruning methods with gradual removal, against the same baseline as `resnet20`."""
-    from hpqdeploy.finetune import TrainConfig
-    from hpqdeploy.pipeline import CompressOptions
+    from hpqdeploy.config import TrainConfig
+    from hpqdeploy.config import CompressOptions
 
     spec = resnet_spec(epochs)
     n = CompressOptions(train=TrainConfig(epochs=epochs), fade=fade).fade_epochs()

@@ -135,7 +135,7 @@ def main() -> None:
         return
     import torch
 
-    from hpqdeploy.profile import example_batch
+    from hpqdeploy.device.profile import example_batch
 
     torch.set_num_threads(1)
     models = [args.only] if args.only else ["resnet20", "minilm"]

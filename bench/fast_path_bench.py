@@ -43,8 +43,8 @@ BATCHES = (1, 32)
 def measure(model: str, runs: Path, iters: dict[int, int], repeats: int) -> list[dict]:
     import torch
 
-    from hpqdeploy.export import _pad, to_numpy
     from hpqdeploy.lower.base import get_runtime
+    from hpqdeploy.lower.export import _pad, to_numpy
     from peers.case import Case
 
     torch.set_num_threads(1)

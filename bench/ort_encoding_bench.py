@@ -34,9 +34,9 @@ def main() -> None:
     args = ap.parse_args()
     import torch
 
+    from hpqdeploy.device.profile import example_batch
     from hpqdeploy.lower.base import get_runtime
     from hpqdeploy.lower.cpu import has_vnni
-    from hpqdeploy.profile import example_batch
 
     torch.set_num_threads(1)
     dirs = {}

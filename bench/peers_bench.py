@@ -107,7 +107,7 @@ def artifact_bytes(d: Path, runtime: str) -> int:
 def evaluate(session, case) -> float:
     import numpy as np
 
-    from hpqdeploy.export import _pad, to_numpy
+    from hpqdeploy.lower.export import _pad, to_numpy
 
     correct = total = 0
     for inputs, labels in case.eval_loader():
@@ -132,8 +132,8 @@ def throughput(sessions: dict, batch, iters: int, repeats: int) -> dict[str, dic
 def measure(model: str, runs: Path, iters: int, repeats: int) -> list[dict]:
     import torch
 
-    from hpqdeploy.export import _pad, to_numpy
     from hpqdeploy.lower.base import get_runtime
+    from hpqdeploy.lower.export import _pad, to_numpy
     from peers import all_peers
     from peers.case import Case
 

@@ -23,11 +23,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def main() -> None:
     from hpqdeploy import artifact
+    from hpqdeploy.config import CompressOptions, DataOptions
+    from hpqdeploy.core.prune import GroupDecision, apply_pruning
+    from hpqdeploy.core.reconstruct import reconstruct
     from hpqdeploy.data import load_data
-    from hpqdeploy.finetune import evaluate, loader
-    from hpqdeploy.pipeline import CompressOptions, DataOptions
-    from hpqdeploy.prune import GroupDecision, apply_pruning
-    from hpqdeploy.reconstruct import reconstruct
+    from hpqdeploy.training.loop import evaluate, loader
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--plan", type=Path, default=ROOT / "bench/runs/e6c/resnet20/prune",

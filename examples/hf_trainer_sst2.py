@@ -23,7 +23,7 @@ from transformers import Trainer, TrainingArguments
 
 import hpqdeploy as hq
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sst2"  # the offline copy beside the project
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "sst2"  # the copy beside the project
 
 
 def hf_collator(collate):

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 import hpqdeploy as hq
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-jpeg"  # the offline copy beside the project
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg"  # the copy beside the project
 
 
 def train(model, batches, epochs: int, lr: float, teacher=None, temperature: float = 4.0, alpha: float = 0.9):

@@ -25,12 +25,13 @@ import torch.nn as nn
 from hpqdeploy import artifact, atomic, formats
 from hpqdeploy.artifact import Artifact
 from hpqdeploy.config import CompressOptions, DataOptions, ExportOptions, ProfileOptions, TrainConfig
+from hpqdeploy.core.planning import apply, plan
 from hpqdeploy.errors import UserError
-from hpqdeploy.finetune import evaluate as _evaluate
-from hpqdeploy.finetune import finetune as _finetune
 from hpqdeploy.metrics import count_macs, count_params, param_breakdown, weight_bytes
-from hpqdeploy.models import LoadedModel, ModelSpec, load_model
-from hpqdeploy.planning import apply, plan
+from hpqdeploy.models import load_model
+from hpqdeploy.models.spec import LoadedModel, ModelSpec
+from hpqdeploy.training.loop import evaluate as _evaluate
+from hpqdeploy.training.loop import finetune as _finetune
 
 __all__ = ["CompressOptions", "DataOptions", "ExportOptions", "ProfileOptions", "TrainConfig", "Artifact",
            "LoadedModel", "ModelSpec", "apply", "evaluate", "export", "finetune", "load", "load_data", "load_model",
@@ -109,7 +110,8 @@ def save(model: nn.Module, plan: dict | None, out: str | Path, *, source: Loaded
         described.update(fp32_bytes=described["bytes"]["total"], compression=1.0)
     elif baseline is not None:
         b = baseline.metrics
-        described.update(fp32_bytes=b["fp32_bytes"], compression=round(b["fp32_bytes"] / described["bytes"]["total"], 3),
+        total = described["bytes"]["total"]
+        described.update(fp32_bytes=b["fp32_bytes"], compression=round(b["fp32_bytes"] / total, 3),
                          params_ratio=round(described["params"] / b["params"], 4),
                          macs_ratio=round(described["macs"] / b["macs"], 4),
                          bytes_ratio=round(described["bytes"]["total"] / b["fp32_bytes"], 4))
@@ -122,9 +124,9 @@ def save(model: nn.Module, plan: dict | None, out: str | Path, *, source: Loaded
 
 def _macs(built: LoadedModel, pruning: list[dict]) -> int:
     """MACs of the pruned architecture, counted on a float copy (the counter does not see fake-quantized layers)."""
+    from hpqdeploy.core.planning import prune
+    from hpqdeploy.core.prune import GroupDecision
     from hpqdeploy.models import rebuild_model
-    from hpqdeploy.planning import prune
-    from hpqdeploy.prune import GroupDecision
 
     fresh = rebuild_model(built.spec)
     model = prune(fresh.module, fresh.example_inputs, [GroupDecision.from_json(d) for d in pruning])
@@ -140,7 +142,7 @@ def load(path: str | Path) -> Artifact:
 def export(source: str | Path, out: str | Path, options: ExportOptions | str, quiet: bool = True) -> dict:
     """Lower a saved directory into a runtime's native artifact, evaluate it inside the runtime, and return (and
     write) export.json. `options`: an ExportOptions, or just the target's name."""
-    from hpqdeploy.export import run_export
+    from hpqdeploy.lower.export import run_export
 
     opts = ExportOptions(target=options) if isinstance(options, str) else options
     return run_export(Path(source), Path(out), opts, quiet, "hpqdeploy.export (Python API)")
@@ -148,7 +150,8 @@ def export(source: str | Path, out: str | Path, options: ExportOptions | str, qu
 
 def profile(export_dir: str | Path, out: str | Path, options: ProfileOptions | None = None) -> dict:
     """Latency percentiles, throughput, memory and energy of an exported artifact (profile.json)."""
-    from hpqdeploy.profile import run_profile
+    from hpqdeploy.device.profile import run_profile
 
-    return run_profile(Path(export_dir), Path(out), options or ProfileOptions(), command="hpqdeploy.profile")
+    return run_profile(Path(export_dir), Path(out), options or ProfileOptions(),
+                       command="hpqdeploy.profile (Python API)")
 

@@ -24,12 +24,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_model as st_load_model
 from safetensors.torch import save_model as st_save_model
 
-from hpqdeploy import atomic, formats, quant_points
-from hpqdeploy.bitalloc import bit_runs, bits_from_runs
+from hpqdeploy import atomic, formats
+
+from hpqdeploy.core import quant_points
+from hpqdeploy.core.bitalloc import bit_runs, bits_from_runs
+from hpqdeploy.core.prune import GroupDecision, apply_pruning
+from hpqdeploy.core.qparams import weight_scales
+from hpqdeploy.core.quantize import attach, quantizable_layers, _QuantMixin
 from hpqdeploy.errors import UserError
-from hpqdeploy.models import LoadedModel, ModelSpec, rebuild_model
-from hpqdeploy.prune import GroupDecision, apply_pruning
-from hpqdeploy.quantize import attach, quantizable_layers, weight_scales, _QuantMixin
+from hpqdeploy.models import rebuild_model
+from hpqdeploy.models.spec import LoadedModel, ModelSpec
 
 FILES = ("model.safetensors", "plan.json", "metrics.json", "provenance.json")
 

@@ -110,9 +110,9 @@ class CompressOptions:
     bits: tuple[int, ...] = setting((8, 4), "weight bit widths, high and low (repeat the option)", ge=2, le=8)
     low_bit_share: float = setting(0.5, "budget: share of weights at the low width", ge=0, le=1)
     act_bits: int | None = setting(8, "activation bits (0: float activations)", ge=0, le=8)
-    importance: str = setting("taylor", "taylor | magnitude", choices=names_in("hpqdeploy.importance", "CRITERIA"))
+    importance: str = setting("taylor", "taylor | magnitude", choices=names_in("hpqdeploy.core.importance", "CRITERIA"))
     target: str | None = setting(None, "restrict to what this runtime executes (default: what all of them do)",
-                                 choices=names_in("hpqdeploy.targets", "target_names"))
+                                 choices=names_in("hpqdeploy.core.targets", "target_names"))
     calib_batches: int = setting(8, "calibration batches (importance, sensitivity, activation ranges)", ge=1)
     fade: float = setting(0.0, "share of the epochs over which pruned channels fade out before removal "
                                "(0: remove at once)", ge=0, lt=1, experimental=True)
@@ -161,9 +161,9 @@ class ProfileOptions:
     """Where and how an exported artifact is timed and metered."""
 
     device: str = setting("x86", "device kind: a file in profiles/",
-                          choices=names_in("hpqdeploy.device_profiles", "profile_names"))
+                          choices=names_in("hpqdeploy.device.profiles", "profile_names"))
     runner: str | None = setting(None, "default: the device's runner for the artifact",
-                                 choices=names_in("hpqdeploy.runners.base", "runner_names"))
+                                 choices=names_in("hpqdeploy.device.runners.base", "runner_names"))
     batch_size: int = setting(1, "batch size", ge=1, surfaces=("cli",))
     threads: int = setting(1, "runtime threads", ge=1)
     warmup: int = setting(20, "untimed calls before timing", ge=0)

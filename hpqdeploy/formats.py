@@ -11,7 +11,8 @@ from pathlib import Path
 from hpqdeploy.errors import UserError
 
 KEY = "format_version"
-VERSIONS = {"plan.json": 1, "metrics.json": 1, "export.json": 1, "profile.json": 1}
+VERSIONS = {"plan.json": 1, "metrics.json": 1, "export.json": 1, "profile.json": 1,
+            "plan": 1}  # `hpqdeploy.plan`'s result, the in-memory plan as data
 
 
 def stamp(name: str, blob: dict) -> dict:

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from hpqdeploy.quantize import _QuantMixin
+from hpqdeploy.core.quantize import _QuantMixin
 
 
 def count_params(model: nn.Module) -> int:

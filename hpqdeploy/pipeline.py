@@ -1,6 +1,6 @@
 """The plan's steps on directories: `train` a baseline, `compress` it (hybrid, prune-only or quant-only).
 
-Both are built of the library's in-memory calls (`hpqdeploy.planning`, `hpqdeploy.finetune`, `hpqdeploy.artifact`);
+Both are built of the library's in-memory calls (`hpqdeploy.core.planning`, `hpqdeploy.training.loop`, `hpqdeploy.artifact`);
 this module adds what a command needs around them: data, resumable work directories, metrics and provenance.
 """
 
@@ -16,19 +16,22 @@ from pathlib import Path
 
 import torch
 
-from hpqdeploy import artifact, atomic, formats, planning
-from hpqdeploy.bitalloc import LayerBits, low_bit_share
-from hpqdeploy.config import METHODS, CompressOptions, DataOptions, TrainConfig  # noqa: F401  (re-exported)
+from hpqdeploy import artifact, atomic, formats
+
+from hpqdeploy.config import CompressOptions, DataOptions, TrainConfig
+from hpqdeploy.core import planning
+from hpqdeploy.core.bitalloc import LayerBits, low_bit_share
+from hpqdeploy.core.prune import FadeOut, GroupDecision
+from hpqdeploy.core.reconstruct import reconstruct
+from hpqdeploy.core.targets import load_target
 from hpqdeploy.data import Splits, load_data
 from hpqdeploy.denormals import subnormals_flushed
 from hpqdeploy.errors import UserError
-from hpqdeploy.finetune import evaluate, finetune, loader, refuse_changed_options
 from hpqdeploy.hooks import forward
 from hpqdeploy.metrics import count_macs, count_params, param_breakdown, weight_bytes
-from hpqdeploy.models import LoadedModel, load_model
-from hpqdeploy.prune import FadeOut, GroupDecision
-from hpqdeploy.reconstruct import reconstruct
-from hpqdeploy.targets import load_target
+from hpqdeploy.models import load_model
+from hpqdeploy.models.spec import LoadedModel
+from hpqdeploy.training.loop import evaluate, finetune, loader, refuse_changed_options
 
 
 def _data_loaders(loaded: LoadedModel, splits: Splits, cfg: TrainConfig, calib_batches: int):

@@ -10,7 +10,9 @@ import torch
 
 from hpqdeploy.models.cifar_resnet import CifarResNet
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+TESTS = Path(__file__).resolve().parent  # tests/ (its data/ and fakes/), whichever subdirectory a test is in
+ROOT = TESTS.parent
+SHARED = ROOT.parent / "shared"
 
 RESNET_INPUT = (3, 16, 16)
 RESNET_CLASSES = 4
@@ -97,8 +99,9 @@ def bert_calib() -> list:
 @pytest.fixture(scope="session")
 def digits_baseline(tmp_path_factory) -> Path:
     """A real `train` artifact: ResNet-20 on scikit-learn's digits, one short epoch. Read-only for tests."""
-    from hpqdeploy.finetune import TrainConfig
-    from hpqdeploy.pipeline import DataOptions, run_train
+    from hpqdeploy.config import TrainConfig
+    from hpqdeploy.config import DataOptions
+    from hpqdeploy.pipeline import run_train
 
     out = tmp_path_factory.mktemp("digits") / "baseline"
     run_train("resnet20", DataOptions("digits", calib_size=64, train_limit=256, eval_limit=100), out,
@@ -110,8 +113,9 @@ def digits_baseline(tmp_path_factory) -> Path:
 def digits_hybrid(tmp_path_factory) -> Path:
     """A ResNet-8 baseline and hybrid on digits, trained past near-ties (agreement between a runtime and PyTorch is a
     coin flip on a barely trained model); shared by the lowering tests. Holds `baseline/` and `hybrid/`."""
-    from hpqdeploy.finetune import TrainConfig
-    from hpqdeploy.pipeline import CompressOptions, DataOptions, run_compress, run_train
+    from hpqdeploy.config import TrainConfig
+    from hpqdeploy.config import CompressOptions, DataOptions
+    from hpqdeploy.pipeline import run_compress, run_train
 
     root = tmp_path_factory.mktemp("digits-hybrid")
     data = DataOptions("digits", calib_size=128, eval_limit=96)
@@ -126,7 +130,7 @@ def record_window(meter, seconds: float, settle: float = 0.03):
     (recorder, t0, t1). The meter must be open."""
     import time
 
-    from hpqdeploy.measure.recorder import PowerRecorder
+    from hpqdeploy.device.meters.recorder import PowerRecorder
 
     with PowerRecorder(meter) as rec:
         time.sleep(settle)
@@ -151,8 +155,9 @@ def install_fake_executable(bindir: Path, name: str, script: Path) -> Path:
 @pytest.fixture(scope="session")
 def digits_quant(digits_baseline, tmp_path_factory) -> Path:
     """Quant-only compression of `digits_baseline`, no fine-tuning (calibration only). Read-only for tests."""
-    from hpqdeploy.finetune import TrainConfig
-    from hpqdeploy.pipeline import CompressOptions, run_compress
+    from hpqdeploy.config import TrainConfig
+    from hpqdeploy.config import CompressOptions
+    from hpqdeploy.pipeline import run_compress
 
     out = tmp_path_factory.mktemp("digits-quant") / "quant"
     run_compress(digits_baseline, out, CompressOptions(method="quant", train=TrainConfig(epochs=0), calib_batches=1),

@@ -8,8 +8,8 @@ import torch
 
 import hpqdeploy as hq
 from hpqdeploy.errors import UserError
-from hpqdeploy.finetune import loader
 from hpqdeploy.metrics import count_params
+from hpqdeploy.training.loop import loader
 
 
 def _calibration(base, batches=2, batch_size=64):

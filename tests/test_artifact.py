@@ -7,15 +7,17 @@ import pytest
 import torch
 
 from hpqdeploy import artifact, atomic
+from hpqdeploy.config import TrainConfig
+from hpqdeploy.config import CompressOptions, DataOptions
+from hpqdeploy.core.prune import GroupDecision, apply_pruning
+from hpqdeploy.core.quantize import _QuantMixin, quantizable_layers
+from hpqdeploy.core.targets import load_target
 from hpqdeploy.data import DataRequest, load_data
 from hpqdeploy.errors import UserError
-from hpqdeploy.finetune import TrainConfig
 from hpqdeploy.metrics import count_macs, count_params, weight_bytes
-from hpqdeploy.models import ModelSpec, rebuild_model
-from hpqdeploy.pipeline import CompressOptions, DataOptions, run_compress, run_train
-from hpqdeploy.prune import GroupDecision, apply_pruning
-from hpqdeploy.quantize import _QuantMixin, quantizable_layers
-from hpqdeploy.targets import load_target
+from hpqdeploy.models import rebuild_model
+from hpqdeploy.models.spec import ModelSpec
+from hpqdeploy.pipeline import run_compress, run_train
 
 DIGITS = DataOptions("digits", calib_size=64, train_limit=256, eval_limit=100)
 
@@ -375,7 +377,7 @@ def test_text_artifact_round_trip(tiny_text_setup, tmp_path):
 def test_read_state_dict_turns_any_unreadable_file_into_one_user_error(tmp_path):
     """Foreign bytes make the weights-only unpickler raise IndexError, KeyError, UnicodeDecodeError, ... (CI once hit
     an IndexError from random bytes); every one must reach the user as the same one-line error, never a traceback."""
-    from hpqdeploy.models.registry import read_state_dict
+    from hpqdeploy.models.spec import read_state_dict
 
     good = tmp_path / "good.th"
     torch.save({"state_dict": {"w": torch.ones(3)}}, good)

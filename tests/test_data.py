@@ -17,8 +17,8 @@ from PIL import Image
 from hpqdeploy.data import DataRequest, dataset_names, load_data
 from hpqdeploy.data import cifar10, fashion_mnist
 from hpqdeploy.data.glue import TextDataset
-from hpqdeploy.data.images import ImageTensorDataset, random_crop_flip, split_indices, stratified_subset
 from hpqdeploy.data.imagenet import FolderSubset
+from hpqdeploy.data.images import ImageTensorDataset, random_crop_flip, split_indices, stratified_subset
 from hpqdeploy.errors import UserError
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from hpqdeploy import artifact
 from hpqdeploy.cli.app import app
 from hpqdeploy.data import DataRequest, load_data
-from hpqdeploy.finetune import evaluate, loader
+from hpqdeploy.training.loop import evaluate, loader
 
 pytestmark = pytest.mark.e2e
 runner = CliRunner()

@@ -22,7 +22,8 @@ def test_stamp_and_check(name, tmp_path):
 
 
 def test_export_json_is_versioned_and_report_refuses_a_newer_one(digits_quant, tmp_path):
-    from hpqdeploy.export import ExportOptions, run_export
+    from hpqdeploy.config import ExportOptions
+    from hpqdeploy.lower.export import run_export
     from hpqdeploy.reporting.collect import read_json
 
     out = tmp_path / "ort"

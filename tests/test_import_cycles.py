@@ -179,7 +179,7 @@ def test_quantize_does_not_import_the_lowerings():
     import subprocess
     import sys
 
-    code = ("import sys, hpqdeploy.quantize; "
+    code = ("import sys, hpqdeploy.core.quantize; "
             "print(sorted(m for m in sys.modules if m.startswith('hpqdeploy.lower')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -16,9 +16,11 @@ from pathlib import Path
 import torch
 
 from hpqdeploy import artifact
-from hpqdeploy.export import fixed_collate
-from hpqdeploy.finetune import TrainConfig, loader
-from hpqdeploy.pipeline import DataOptions, load_data
+from hpqdeploy.config import TrainConfig
+from hpqdeploy.config import DataOptions
+from hpqdeploy.lower.export import fixed_collate
+from hpqdeploy.pipeline import load_data
+from hpqdeploy.training.loop import loader
 
 CALIB_BATCHES, BATCH = 8, 32  # as `hpqdeploy export` calibrates
 BATCHES = (1, BATCH)  # the batch sizes every artifact must run (ExecuTorch: one program each)

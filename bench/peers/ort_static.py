@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hpqdeploy.export import to_numpy
+from hpqdeploy.lower.export import to_numpy
 
 from . import PEERS, Peer
 from .case import Case

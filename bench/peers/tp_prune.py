@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from hpqdeploy.finetune import evaluate, finetune
+from hpqdeploy.core.targets import load_target
 from hpqdeploy.lower.base import LoweringContext, get_runtime
-from hpqdeploy.targets import load_target
+from hpqdeploy.training.loop import evaluate, finetune
 
 from . import PEERS, Peer
 from .case import BATCHES, Case

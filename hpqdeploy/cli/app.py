@@ -48,8 +48,8 @@ def train(
     **options,
 ):
     """Step 1: train or fine-tune a baseline and record its accuracy, parameters, MACs and bytes."""
-    from hpqdeploy.pipeline import run_train
     from hpqdeploy.cli.tables import comparison_table
+    from hpqdeploy.pipeline import run_train
 
     cfg, data = build(TrainConfig, options), build(DataOptions, options)
     m = build(ModelOptions, options, model=model)
@@ -70,8 +70,8 @@ def compress(
 ):
     """Prune, allocate bits, fine-tune once and evaluate (or either half alone)."""
     from hpqdeploy import artifact
-    from hpqdeploy.pipeline import run_compress
     from hpqdeploy.cli.tables import comparison_table
+    from hpqdeploy.pipeline import run_compress
 
     opts = build(CompressOptions, options, train=build(TrainConfig, options))  # the settings first, then files
     given = {k: options[k] for k in ("data_dir", "train_limit", "eval_limit") if options[k] is not None}
@@ -91,8 +91,8 @@ def export(
     **options,
 ):
     """Lower to a runtime's native artifact, evaluate it inside the runtime, write export.json."""
-    from hpqdeploy.export import run_export
     from hpqdeploy.cli.tables import export_table
+    from hpqdeploy.lower.export import run_export
 
     report = run_export(source, output, build(ExportOptions, options), quiet, _command())
     _emit(report, as_json, export_table(report))
@@ -107,8 +107,8 @@ def profile(
     **options,
 ):
     """Latency percentiles, throughput, memory and energy of an exported artifact on a device."""
-    from hpqdeploy.profile import run_profile
     from hpqdeploy.cli.tables import profile_table
+    from hpqdeploy.device.profile import run_profile
 
     result = run_profile(source, output, build(ProfileOptions, options), command=_command())
     if as_json:

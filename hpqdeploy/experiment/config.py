@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hpqdeploy.errors import UserError
-from hpqdeploy.settings import SettingError, key_of, toml_name
-from hpqdeploy.settings import specs as settings_specs
 from hpqdeploy.experiment.schema import (BASELINE, BASELINE_DIR_KEYS, COMPRESS, EXPERIMENT, EXPORT, KINDS, METHODS,
                                          PROFILE, REPORT, SECTIONS, Key, has_kind, method_names)
+from hpqdeploy.settings import SettingError, key_of, toml_name
+from hpqdeploy.settings import specs as settings_specs
 
 @dataclass(frozen=True)
 class ExperimentConfig:
@@ -199,7 +199,7 @@ def _profile(c: _Checker, table, exported: list[str]) -> dict:
         if t not in exported:
             raise c.fail(f"profile.targets: {t!r} is not in export.targets ({', '.join(exported)})")
     if settings["runner"] is not None:
-        from hpqdeploy.runners.base import get_runner
+        from hpqdeploy.device.runners.base import get_runner
 
         runtime = get_runner(settings["runner"]).runtime
         if any(t != runtime for t in (settings["targets"] or exported)):

@@ -157,7 +157,7 @@ def _compress_action(cfg: ExperimentConfig, method: str, s: dict, quiet: bool, c
 def _export_action(cfg: ExperimentConfig, source: Step, target: str, quiet: bool, command: str):
     def action(out: Path, resume: bool):
         from hpqdeploy.config import ExportOptions
-        from hpqdeploy.export import run_export
+        from hpqdeploy.lower.export import run_export
 
         opts = ExportOptions(**{**fields_of(ExportOptions, cfg.export), "target": target, "data_dir": _data_dir(cfg)})
         return run_export(source.output, out, opts, quiet, command)
@@ -168,7 +168,7 @@ def _export_action(cfg: ExperimentConfig, source: Step, target: str, quiet: bool
 def _profile_action(cfg: ExperimentConfig, export: Step, batch: int, command: str):
     def action(out: Path, resume: bool):
         from hpqdeploy.config import ProfileOptions
-        from hpqdeploy.profile import run_profile
+        from hpqdeploy.device.profile import run_profile
 
         opts = ProfileOptions(**{**fields_of(ProfileOptions, cfg.profile), "batch_size": batch,
                                  "data_dir": _data_dir(cfg)})

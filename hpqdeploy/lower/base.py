@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import torch.nn as nn
 
+from hpqdeploy.core.targets import Target
 from hpqdeploy.errors import MissingExtra, UserError
 from hpqdeploy.registry import Registry
-from hpqdeploy.targets import Target
 
 
 @dataclass

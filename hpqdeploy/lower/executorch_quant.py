@@ -27,12 +27,12 @@ import torch
 import torch.fx
 import torch.nn as nn
 
+from hpqdeploy.core.qparams import QuantParams, qmax, quant_params, quantize_weight, weight_bound
+from hpqdeploy.core.quantize import TensorQuant, _QuantMixin
 from hpqdeploy.errors import UserError
 from hpqdeploy.hooks import forward, forward_hooks
 from hpqdeploy.lower.torch_prep import fold_batchnorm
 from hpqdeploy.models.cifar_resnet import ChannelMapShortcut
-from hpqdeploy.qparams import QuantParams, qmax, quant_params, quantize_weight, weight_bound
-from hpqdeploy.quantize import TensorQuant, _QuantMixin
 
 STATIC, DYNAMIC, WEIGHT_ONLY, FLOAT = "static int8", "dynamic int8 activations", "weight-only", "float"
 _WEIGHT_OPS = (torch.ops.aten.conv2d.default, torch.ops.aten.linear.default)

@@ -15,9 +15,9 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 
-from hpqdeploy.qparams import qmax, quant_params, quantize_weight
-from hpqdeploy.quantize import QEmbedding, QLinear, _QuantMixin, op_kind
-from hpqdeploy.targets import Target
+from hpqdeploy.core.qparams import qmax, quant_params, quantize_weight
+from hpqdeploy.core.quantize import QEmbedding, QLinear, _QuantMixin, op_kind
+from hpqdeploy.core.targets import Target
 
 MIXED_MODES = ("split", "layer")
 OVERFLOW_FIX = ("auto", "on", "off")

@@ -38,11 +38,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hpqdeploy.core.export_form import export_form
+from hpqdeploy.core.qparams import QuantParams, activation_qparams, dequantized_weight, quant_params, unsigned_codes
+from hpqdeploy.core.quantize import _QuantMixin, op_kind
 from hpqdeploy.errors import UserError
-from hpqdeploy.export_form import export_form
 from hpqdeploy.lower.torch_prep import fold_batchnorm
-from hpqdeploy.qparams import QuantParams, activation_qparams, dequantized_weight, quant_params, unsigned_codes
-from hpqdeploy.quantize import _QuantMixin, op_kind
 
 MS_DOMAIN = "com.microsoft"
 EXTERNAL_DATA_LIMIT = 1_500_000_000  # protobuf cannot hold more than 2 GB; stay well below it

@@ -25,13 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hpqdeploy.core.export_form import export_form, exports_int8_fake_quant
+from hpqdeploy.core.qparams import dequantized_weight, quant_params
+from hpqdeploy.core.quantize import QEmbedding, QLinear, _QuantMixin
 from hpqdeploy.errors import UserError
-from hpqdeploy.export_form import export_form, exports_int8_fake_quant
 from hpqdeploy.lower.base import Lowered, LoweringContext, Runtime, Session, register_runtime
 from hpqdeploy.lower.cpu import int8_dot_product
 from hpqdeploy.lower.torch_prep import fold_batchnorm
-from hpqdeploy.qparams import dequantized_weight, quant_params
-from hpqdeploy.quantize import QEmbedding, QLinear, _QuantMixin
 
 MODEL_XML = "model.xml"
 MODEL_BIN = "model.bin"

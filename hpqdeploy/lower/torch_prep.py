@@ -3,8 +3,8 @@
 Folding is exact for the plan's numerics: with symmetric per-output-channel weight scales, scaling a channel by
 the BatchNorm factor `a` scales its quantization step by |a| and leaves the integer weights unchanged (up to sign).
 
-The integers and scales each lowering stores come from `hpqdeploy.qparams` (`quant_params`); the export form of the
-quantizers (`export_form()`) lives in `hpqdeploy.export_form`.
+The integers and scales each lowering stores come from `hpqdeploy.core.qparams` (`quant_params`); the export form of the
+quantizers (`export_form()`) lives in `hpqdeploy.core.export_form`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ import torch
 import torch.fx
 import torch.nn as nn
 
-from hpqdeploy.qparams import QuantParams, quant_params  # noqa: F401  (also read from here)
-from hpqdeploy.quantize import TensorQuant, _QuantMixin
+from hpqdeploy.core.quantize import TensorQuant, _QuantMixin
 
 
 class _LeafTracer(torch.fx.Tracer):

@@ -25,7 +25,7 @@ class ChannelMapShortcut(nn.Module):
         source = torch.full((out_channels,), -1, dtype=torch.long)
         source[pad : pad + in_channels] = torch.arange(in_channels)
         self.stride = stride
-        self.in_channels = in_channels  # kept in step by the pruning rule in `hpqdeploy.prune`
+        self.in_channels = in_channels  # kept in step by the pruning rule in `hpqdeploy.core.prune`
         self.register_buffer("source", source)
 
     @property

@@ -12,7 +12,7 @@ from pathlib import Path
 from hpqdeploy.errors import UserError
 from hpqdeploy.models import torchvision_zoo
 from hpqdeploy.models.families import FAMILIES, MODEL_NAMES
-from hpqdeploy.models.spec import LoadedModel, ModelSpec, read_state_dict  # noqa: F401  (also read from here)
+from hpqdeploy.models.spec import LoadedModel, ModelSpec
 
 
 def model_names() -> list[str]:

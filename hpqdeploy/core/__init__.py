@@ -1,0 +1,1 @@
+"""The compression core: importance, pruning, quantization, bit allocation, planning."""

@@ -1,0 +1,1 @@
+"""Measurement on devices: profiling, device profiles, adb, runners and power meters."""

@@ -1,0 +1,1 @@
+"""Training: the fine-tuning loop with distillation, checkpoints and exact resume."""
