@@ -16,6 +16,7 @@ from hpqdeploy.settings import SettingError, setting
 
 METHODS = ("hybrid", "prune", "quant")
 OPTIMIZERS = ("adam", "sgd")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def names_in(module: str, attr: str) -> Callable[[], list[str]]:
@@ -83,6 +84,8 @@ class TrainConfig:
     warmup: float = setting(0.0, "epochs of linear learning-rate warmup before the cosine decay (0: none)", ge=0)
     optimizer: str = setting("adam", "adam | sgd (Nesterov momentum 0.9; give it a larger lr, e.g. 0.01-0.1)",
                              choices=OPTIMIZERS)
+    scale_lr: bool = setting(False, "under torchrun: multiply lr by the number of ranks (the linear scaling "
+                                    "rule; the global batch is the per-rank batch times the ranks)")
     mixup: float = setting(0.0, "image models: blend training images in pairs, weight ~ Beta(alpha, alpha) "
                                 "(0: off; e.g. 1)", ge=0, experimental=True)
     attention: float = setting(0.0, "weight of attention transfer from the teacher at attention_layers (0: off)",
@@ -99,6 +102,23 @@ class TrainConfig:
     def with_batch(self, modality: str) -> "TrainConfig":
         """The modality's default batch (64 images, 32 text) where none was given."""
         return self if self.batch_size else replace(self, batch_size=32 if modality == "text" else 64)
+
+
+@dataclass(frozen=True)
+class ComputeOptions:
+    """Where the PyTorch stages run and how fast; none of it changes what they decide."""
+
+    device: str = setting("auto", "auto (CUDA when present) | cpu | cuda | cuda:N")
+    precision: str = setting("fp32", "fp32 | bf16 | fp16: autocast for training and evaluation (fp16 with a "
+                                     "gradient scaler, CUDA only); the quantizers' arithmetic stays fp32",
+                             choices=PRECISIONS)
+    workers: int | None = setting(None, "data-loader worker processes (default: 0 on the CPU, up to 8 with CUDA)",
+                                  ge=0)
+    channels_last: bool = setting(False, "convolutional models: channels-last memory format")
+    sync_bn: bool = setting(False, "under torchrun on CUDA: BatchNorm statistics synchronised across ranks")
+
+    def __post_init__(self) -> None:
+        settings.validate(self)
 
 
 @dataclass(frozen=True)
@@ -180,4 +200,4 @@ class ProfileOptions:
         settings.validate(self)
 
 
-STAGES = (ModelOptions, DataOptions, TrainConfig, CompressOptions, ExportOptions, ProfileOptions)
+STAGES = (ModelOptions, DataOptions, TrainConfig, ComputeOptions, CompressOptions, ExportOptions, ProfileOptions)

@@ -16,7 +16,18 @@ import torch.nn as nn
 
 
 def forward(model: nn.Module, inputs: Any) -> torch.Tensor:
+    """The model's output; inputs on another device than the model's parameters are moved to it first (the
+    calibration batches stay on the CPU while the model may train on a GPU)."""
+    device = next((p.device for p in model.parameters()), None)
+    if device is not None and device.type != "cpu":
+        inputs = _moved(inputs, device)
     return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+
+
+def _moved(inputs: Any, device: torch.device) -> Any:
+    if isinstance(inputs, dict):
+        return {k: _moved(v, device) for k, v in inputs.items()}
+    return inputs.to(device, non_blocking=True) if isinstance(inputs, torch.Tensor) else inputs
 
 
 @contextmanager

@@ -18,7 +18,7 @@ import torch
 
 from hpqdeploy import artifact, atomic, formats
 
-from hpqdeploy.config import CompressOptions, DataOptions, TrainConfig
+from hpqdeploy.config import CompressOptions, ComputeOptions, DataOptions, TrainConfig
 from hpqdeploy.core import planning
 from hpqdeploy.core.bitalloc import LayerBits, low_bit_share
 from hpqdeploy.core.prune import FadeOut, GroupDecision
@@ -31,14 +31,35 @@ from hpqdeploy.hooks import forward
 from hpqdeploy.metrics import count_macs, count_params, param_breakdown, weight_bytes
 from hpqdeploy.models import load_model
 from hpqdeploy.models.spec import LoadedModel
+from hpqdeploy.training import distributed
+from hpqdeploy.training.compute import Compute, to_device
 from hpqdeploy.training.loop import evaluate, finetune, loader, refuse_changed_options
 
 
-def _data_loaders(loaded: LoadedModel, splits: Splits, cfg: TrainConfig, calib_batches: int):
-    train = loader(splits.train, loaded.collate, cfg.batch_size, shuffle=True, seed=cfg.seed)
-    evaluation = loader(splits.eval, loaded.collate, 128 if loaded.modality == "image" else 64, shuffle=False)
+def _data_loaders(loaded: LoadedModel, splits: Splits, cfg: TrainConfig, calib_batches: int, compute: Compute):
+    train = loader(splits.train, loaded.collate, cfg.batch_size, shuffle=True, seed=cfg.seed, compute=compute)
+    evaluation = loader(distributed.shard(splits.eval), loaded.collate, 128 if loaded.modality == "image" else 64,
+                        shuffle=False, compute=compute)
     calib = list(loader(splits.calib, loaded.collate, cfg.batch_size, shuffle=False))[:calib_batches]
     return train, evaluation, calib
+
+
+def _to_cpu(loaded: LoadedModel) -> None:
+    """The model as it is saved whatever trained it: on the CPU, in the default memory format."""
+    loaded.module.to("cpu").to(memory_format=torch.contiguous_format)
+
+
+def _parallel(compute: Compute, cfg: TrainConfig) -> dict:
+    """How many ranks trained, and the global batch they made together."""
+    return {"world_size": compute.ranks.world, "global_batch": cfg.batch_size * compute.ranks.world}
+
+
+def _save(out: Path, loaded: LoadedModel, plan: dict, metrics: dict, provenance: dict, work: Path,
+          compute: Compute) -> None:
+    """Rank 0 writes the artifact; the others wait until it is in place."""
+    if compute.ranks.main:
+        artifact.save(out, loaded, plan, metrics, provenance, work)
+    distributed.barrier()
 
 
 def _describe(loaded: LoadedModel, accuracy: dict) -> dict:
@@ -80,9 +101,12 @@ def _check_compatible(loaded: LoadedModel, splits: Splits) -> None:
 
 def run_train(model_name: str, data: DataOptions, out: Path, cfg: TrainConfig, weights: Path | None = None,
               max_length: int = 64, quiet: bool = False, resume: bool = False, command: str = "",
-              scratch: bool = False, head_dropout: float | None = None) -> dict:
+              scratch: bool = False, head_dropout: float | None = None,
+              compute_options: ComputeOptions | None = None) -> dict:
     """Step 1 of the plan: a baseline, trained or fine-tuned, with its accuracy and size recorded."""
     atomic.check_output(out)
+    compute = Compute(compute_options)
+    quiet = quiet or not compute.ranks.main
     torch.manual_seed(cfg.seed)  # before the model is built: a model without pretrained weights starts from it
     splits = load_data(data.name, data.request(cfg.seed))
     info = splits.info
@@ -97,23 +121,26 @@ def run_train(model_name: str, data: DataOptions, out: Path, cfg: TrainConfig, w
     _check_recipe(loaded, cfg)
     _check_compatible(loaded, splits)
     torch.manual_seed(cfg.seed)
-    train, evaluation, _ = _data_loaders(loaded, splits, cfg, 0)
+    train, evaluation, _ = _data_loaders(loaded, splits, cfg, 0, compute)
+    compute.place(loaded.module)
     work = atomic.partial_dir(out)
     work.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    history = finetune(loaded.module, train, cfg, work / "train.ckpt", resume=resume, quiet=quiet)
-    acc = evaluate(loaded.module, evaluation, quiet=quiet)
+    history = finetune(loaded.module, train, cfg, work / "train.ckpt", resume=resume, quiet=quiet, compute=compute)
+    acc = evaluate(loaded.module, evaluation, quiet=quiet, compute=compute)
+    _to_cpu(loaded)
     fp32 = weight_bytes(loaded.module)["total"]
     metrics = {"format_version": formats.VERSIONS["metrics.json"], "method": "baseline", **_describe(loaded, acc),
                "macs": count_macs(loaded.module, loaded.example_inputs), "fp32_bytes": fp32, "compression": 1.0,
-               "train_seconds": round(time.time() - start, 1), "history": history}
+               "train_seconds": round(time.time() - start, 1), **_parallel(compute, cfg), "history": history}
     plan = {"model": loaded.spec.to_json(), "method": "baseline", "data": asdict(data), "pruning": [],
             "quantization": {}, "target": None}
     provenance = {"command": command, "config": {"train": asdict(cfg), "data": asdict(data), "model": model_name,
                                                  "weights": str(weights) if weights else None, "scratch": scratch,
                                                  "head_dropout": head_dropout},
+                  "compute": compute.describe(),
                   "seed": cfg.seed, **artifact.environment()}
-    artifact.save(out, loaded, plan, metrics, provenance, work)
+    _save(out, loaded, plan, metrics, provenance, work, compute)
     return metrics
 
 
@@ -130,10 +157,14 @@ def _pruned_dimensions(pruning: list[GroupDecision]) -> dict[str, dict]:
 
 @subnormals_flushed()  # the analysis too: a baseline trained elsewhere may hold subnormal weights
 def run_compress(baseline_dir: Path, out: Path, opts: CompressOptions, data: DataOptions | None = None,
-                 quiet: bool = False, resume: bool = False, command: str = "") -> dict:
+                 quiet: bool = False, resume: bool = False, command: str = "",
+                 compute_options: ComputeOptions | None = None) -> dict:
     """Prune and/or quantize a baseline, fine-tune once, evaluate, and write the artifact: `planning.plan`'s and
     `planning.apply`'s steps, with the (experimental) fading and reconstruction between them where asked for."""
     atomic.check_output(out)
+    compute = Compute(compute_options)
+    main = compute.ranks.main
+    quiet = quiet or not main
     target = load_target(opts.target)
     base = artifact.load(baseline_dir)
     if base.plan.get("method") != "baseline":
@@ -147,11 +178,14 @@ def run_compress(baseline_dir: Path, out: Path, opts: CompressOptions, data: Dat
     model = loaded.module
     check_modality(loaded, splits)
     _check_recipe(loaded, cfg)
-    train, evaluation, calib = _data_loaders(loaded, splits, cfg, opts.calib_batches)
+    train, evaluation, calib = _data_loaders(loaded, splits, cfg, opts.calib_batches, compute)
+    model = compute.place(model)
+    example = to_device(loaded.example_inputs, compute.device)
     work = atomic.partial_dir(out)
-    if work.exists() and not resume:
-        shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
+    with distributed.main_first() as first:
+        if first and work.exists() and not resume:
+            shutil.rmtree(work)
+        work.mkdir(parents=True, exist_ok=True)
     start = time.time()
     pruning, quant_plan = [], {}
     teacher = copy.deepcopy(model) if cfg.distill > 0 else None
@@ -167,38 +201,45 @@ def run_compress(baseline_dir: Path, out: Path, opts: CompressOptions, data: Dat
     try:
         if "pruning" in saved:  # reuse the decisions the interrupted run made, then its checkpoints
             pruning = [GroupDecision.from_json(d) for d in saved["pruning"]]
-        else:
-            pruning = planning.decide_pruning(model, loaded.example_inputs, calib, opts, target)
-        torch.save({"pruning": [d.to_json() for d in pruning], "options": json.dumps(options)}, analysis)
+        else:  # made once, on rank 0, and the same on every rank
+            pruning = planning.decide_pruning(model, example, calib, opts, target) if main else []
+            pruning = [GroupDecision.from_json(d) for d in distributed.broadcast([d.to_json() for d in pruning])]
+        if main:
+            torch.save({"pruning": [d.to_json() for d in pruning], "options": json.dumps(options)}, analysis)
         cut = any(d.removed for d in pruning)
         fade = opts.fade_epochs() if cut else 0
         history, fade_seconds = saved.get("fade_history", []), time.time()
         if fade and not (resume and (work / "compress.ckpt").exists()):
-            gates = FadeOut(model, loaded.example_inputs, pruning)
+            gates = FadeOut(model, example, pruning)
             with gates.attached():
                 history = finetune(model, train, cfg, work / "fade.ckpt", resume=resume, quiet=quiet,
-                                   teacher=teacher, span=range(fade), before_step=gates.schedule)
+                                   teacher=teacher, span=range(fade), before_step=gates.schedule, compute=compute)
         fade_seconds = time.time() - fade_seconds
-        planning.prune(model, loaded.example_inputs, pruning)
+        planning.prune(model, example, pruning)
         if original is not None and cut:
-            reconstruction = reconstruct(model, original, loaded.example_inputs, pruning, calib)
+            reconstruction = reconstruct(model, original, example, pruning, calib)
         if "bits" in saved:
             quant_plan = {n: LayerBits.from_json(lb) for n, lb in json.loads(saved["bits"]).items()}
         else:
-            quant_plan = planning.decide_bits(model, calib, opts, target)
+            quant_plan = planning.decide_bits(model, calib, opts, target) if main else {}
+            decided = distributed.broadcast({n: lb.to_json() for n, lb in quant_plan.items()})
+            quant_plan = {n: LayerBits.from_json(lb) for n, lb in decided.items()}
         plan = planning.to_json(opts, target, pruning, quant_plan)
-        torch.save({"pruning": plan["pruning"], "fade_history": history, "options": json.dumps(options),
-                    "bits": json.dumps(plan["bits"])}, analysis)
-        macs = count_macs(model, loaded.example_inputs)
+        if main:
+            torch.save({"pruning": plan["pruning"], "fade_history": history, "options": json.dumps(options),
+                        "bits": json.dumps(plan["bits"])}, analysis)
+        macs = count_macs(model, example)
         model, _ = planning.attach_quantizers(model, quant_plan, calib, target)
+        distributed.sync_ranges(model)
         loaded.module = model
         analysis_seconds = time.time() - start - fade_seconds
         history += finetune(model, train, cfg, work / "compress.ckpt", resume=resume, quiet=quiet, teacher=teacher,
-                            span=range(fade, cfg.epochs))
+                            span=range(fade, cfg.epochs), compute=compute)
     except UserError:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    acc = evaluate(model, evaluation, quiet=quiet)
+    acc = evaluate(model, evaluation, quiet=quiet, compute=compute)
+    _to_cpu(loaded)
     size = weight_bytes(model)
     share = low_bit_share(quant_plan, model, min(opts.bits)) if quant_plan else 0.0
     if quant_plan and share + 0.01 < opts.low_bit_share:
@@ -217,12 +258,13 @@ def run_compress(baseline_dir: Path, out: Path, opts: CompressOptions, data: Dat
         "low_bit_share": round(share, 4), "low_bit_budget": opts.low_bit_share if quant_plan else 0.0,
         "pruned_dimensions": _pruned_dimensions(pruning), "fade_epochs": fade,
         "reconstruction": {n: {k: round(v, 4) for k, v in r.items()} for n, r in reconstruction.items()} or None,
-        "analysis_seconds": round(analysis_seconds, 1),
+        "analysis_seconds": round(analysis_seconds, 1), **_parallel(compute, cfg),
         "finetune_seconds": round(time.time() - start - analysis_seconds, 1),
         "history": history,
     }
     record = artifact.plan_record(loaded.spec, asdict(data), plan, model)
     provenance = {"command": command, "baseline": str(baseline_dir),
-                  "config": {**asdict(opts), "data": asdict(data)}, "seed": cfg.seed, **artifact.environment()}
-    artifact.save(out, loaded, record, metrics, provenance, work)
+                  "config": {**asdict(opts), "data": asdict(data)}, "compute": compute.describe(), "seed": cfg.seed,
+                  **artifact.environment()}
+    _save(out, loaded, record, metrics, provenance, work, compute)
     return metrics

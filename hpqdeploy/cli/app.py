@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import signal
 import sys
@@ -16,7 +17,8 @@ from typer._click.exceptions import ClickException
 
 from hpqdeploy import settings
 from hpqdeploy.cli.options import build, with_settings
-from hpqdeploy.config import CompressOptions, DataOptions, ExportOptions, ModelOptions, ProfileOptions, TrainConfig
+from hpqdeploy.config import (CompressOptions, ComputeOptions, DataOptions, ExportOptions, ModelOptions, ProfileOptions,
+                              TrainConfig)
 from hpqdeploy.errors import UserError
 from hpqdeploy.settings import SettingError
 
@@ -31,6 +33,8 @@ def _command() -> str:
 
 
 def _emit(result, as_json: bool, table=None) -> None:
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the job
+        return
     if as_json:
         typer.echo(json.dumps(result, indent=2))
     elif table is not None:
@@ -38,7 +42,8 @@ def _emit(result, as_json: bool, table=None) -> None:
 
 
 @app.command()
-@with_settings(DataOptions, TrainConfig, ModelOptions, exclude=("distill", "temperature"), required=("name",))
+@with_settings(DataOptions, TrainConfig, ModelOptions, ComputeOptions, exclude=("distill", "temperature"),
+               required=("name",))
 def train(
     model: str = typer.Argument(..., help=settings.specs(ModelOptions)["model"][1].help),
     output: Path = typer.Option(..., "-o", "--output", help="output directory"),
@@ -54,12 +59,12 @@ def train(
     cfg, data = build(TrainConfig, options), build(DataOptions, options)
     m = build(ModelOptions, options, model=model)
     metrics = run_train(model, data, output, cfg, Path(m.weights) if m.weights else None, m.max_length, quiet,
-                        resume, _command(), m.scratch, m.dropout)
+                        resume, _command(), m.scratch, m.dropout, build(ComputeOptions, options))
     _emit(metrics, as_json, comparison_table([metrics], f"baseline → {output}"))
 
 
 @app.command()
-@with_settings(CompressOptions, TrainConfig, DataOptions, exclude=("name", "calib_size"))
+@with_settings(CompressOptions, TrainConfig, DataOptions, ComputeOptions, exclude=("name", "calib_size"))
 def compress(
     baseline: Path = typer.Argument(..., help="a `hpqdeploy train` output directory"),
     output: Path = typer.Option(..., "-o", "--output"),
@@ -76,7 +81,7 @@ def compress(
     opts = build(CompressOptions, options, train=build(TrainConfig, options))  # the settings first, then files
     given = {k: options[k] for k in ("data_dir", "train_limit", "eval_limit") if options[k] is not None}
     data = build(DataOptions, {}, **{**_baseline_data(baseline), **given})
-    metrics = run_compress(baseline, output, opts, data, quiet, resume, _command())
+    metrics = run_compress(baseline, output, opts, data, quiet, resume, _command(), build(ComputeOptions, options))
     base = artifact.load(baseline).metrics
     _emit(metrics, as_json, comparison_table([base, metrics], f"{opts.method} → {output}"))
 
@@ -135,16 +140,18 @@ def report(
 
 
 @app.command()
+@with_settings(ComputeOptions)
 def experiment(
     config: Path = typer.Argument(..., help="an experiment TOML (see experiments/)"),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="default: [experiment] out"),
     as_json: bool = typer.Option(False, "--json"),
     quiet: bool = typer.Option(False, "--quiet"),
+    **options,
 ):
     """The plan from one file: baseline, methods, exports, profiles, report; finished steps are skipped on a re-run."""
     from hpqdeploy.experiment import run_experiment, summary_table
 
-    summary = run_experiment(config, output, quiet, _command())
+    summary = run_experiment(config, output, quiet, _command(), build(ComputeOptions, options))
     _emit(summary, as_json, summary_table(summary))
 
 
@@ -182,6 +189,14 @@ def _baseline_data(baseline: Path) -> dict:
         raise UserError(f"{plan} is corrupt ({exc})") from None
 
 
+def _leave_process_group() -> None:
+    """Under torchrun: every rank finished; leave the process group cleanly."""
+    if "torch.distributed" in sys.modules:
+        from hpqdeploy.training import distributed
+
+        distributed.finish()
+
+
 class Terminated(Exception):
     """SIGTERM, raised in the main thread so that the command unwinds as it does on Ctrl-C."""
 
@@ -211,6 +226,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _terminate)
     try:
         code = app(standalone_mode=False)  # typer turns Ctrl-C into Exit(130), which it *returns* in this mode
+        _leave_process_group()
         if code == 130:
             _interrupted(130)
         if isinstance(code, int) and code:

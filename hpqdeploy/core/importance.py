@@ -31,12 +31,17 @@ def channel_criterion(name: str) -> tp.importance.Importance:
     raise UserError(f"unknown importance criterion {name!r}; choose one of {', '.join(CRITERIA)}")
 
 
+def _loss(model: nn.Module, inputs, labels: torch.Tensor) -> torch.Tensor:
+    logits = forward(model, inputs)
+    return F.cross_entropy(logits.float(), labels.to(logits.device))
+
+
 def accumulate_gradients(model: nn.Module, batches: list) -> None:
     """Leave dL/dw summed over `batches` in every parameter's `.grad` (the Taylor criterion reads them)."""
     model.zero_grad(set_to_none=True)
     with evaluating(model):
         for inputs, labels in batches:
-            F.cross_entropy(forward(model, inputs), labels).backward()
+            _loss(model, inputs, labels).backward()
 
 
 def squared_gradients(model: nn.Module, batches: list, modules: Iterable[nn.Module]) -> dict[nn.Module, torch.Tensor]:
@@ -46,7 +51,7 @@ def squared_gradients(model: nn.Module, batches: list, modules: Iterable[nn.Modu
     with evaluating(model):
         for inputs, labels in batches:
             model.zero_grad(set_to_none=True)
-            F.cross_entropy(forward(model, inputs), labels).backward()
+            _loss(model, inputs, labels).backward()
             for m in modules:
                 if m.weight.grad is not None:
                     fisher[m] += m.weight.grad.detach() ** 2

@@ -44,7 +44,9 @@ def search_clip(w: torch.Tensor, bits: torch.Tensor, group_size: int | None, imp
 
 
 def fake_quant_activation(x: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
-    return torch.fake_quantize_per_tensor_affine(x, *activation_qparams(lo, hi, bits))
+    """In fp32 whatever the autocast precision (an fp32 tensor passes through unchanged), so that the grid is the
+    plan's under bf16 or fp16 training too."""
+    return torch.fake_quantize_per_tensor_affine(x.float(), *activation_qparams(lo.float(), hi.float(), bits))
 
 
 class _ActObserver:

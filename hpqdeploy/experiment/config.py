@@ -31,6 +31,7 @@ class ExperimentConfig:
     profile: dict | None
     report: dict
     data: str  # the data set's name (from [baseline] or the baseline directory's plan)
+    compute: object = None  # ComputeOptions: where this run trains (given on the command line, not in the file)
 
     @property
     def root(self) -> Path:

@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from hpqdeploy import atomic
+from hpqdeploy.config import ComputeOptions
 from hpqdeploy.errors import UserError
 from hpqdeploy.experiment.config import ExperimentConfig, load_config
 from hpqdeploy.experiment.state import STATE_FILE, UNFINISHED, load_state, locked, now, save_state
@@ -154,13 +155,14 @@ class _Run:
         return self.result(step, "skipped", self.records[step.name])
 
 
-def run_experiment(config: Path, out: Path | None = None, quiet: bool = False, command: str = "") -> dict:
+def run_experiment(config: Path, out: Path | None = None, quiet: bool = False, command: str = "",
+                   compute: ComputeOptions | None = None) -> dict:
     """Run (or continue) the experiment described by `config`; `out` overrides its [experiment] out.
 
     Returns {"experiment", "config", "out", "state", "seconds", "counts": {ran, cached, skipped},
     "steps": {name: {"status": "ran" | "cached" | "skipped", "seconds", "hash", "output", "reason"}}}.
     """
-    cfg = load_config(config)
+    cfg = replace(load_config(config), compute=compute)
     if out is not None:
         cfg = replace(cfg, out=Path(out).expanduser().resolve())
     steps = plan_steps(cfg, quiet, command)

@@ -135,7 +135,7 @@ def _baseline_step(cfg: ExperimentConfig, quiet: bool, command: str) -> Step:
         model = str(local) if local is not None else s["model"]
         data = DataOptions(**{**fields_of(DataOptions, s), "data_dir": _data_dir(cfg)})
         return run_train(model, data, out, train_config(s, cfg.seed), cfg.resolve(s["weights"]), s["max_length"],
-                         quiet, resume, command, s["scratch"], s["dropout"])
+                         quiet, resume, command, s["scratch"], s["dropout"], cfg.compute)
 
     return Step("baseline", "baseline", cfg.out / "baseline", {**s, "seed": cfg.seed, **inputs}, (), action)
 
@@ -149,7 +149,8 @@ def _compress_action(cfg: ExperimentConfig, method: str, s: dict, quiet: bool, c
         recorded = json.loads((baseline / "plan.json").read_text())["data"]
         given = {k: s[k] for k in ("train_limit", "eval_limit") if s[k] is not None}
         data = DataOptions(**{**recorded, **given, "data_dir": _data_dir(cfg) or recorded.get("data_dir")})
-        return run_compress(baseline, out, compress_options(method, s, cfg.seed), data, quiet, resume, command)
+        return run_compress(baseline, out, compress_options(method, s, cfg.seed), data, quiet, resume, command,
+                            cfg.compute)
 
     return action
 

@@ -14,21 +14,24 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from hpqdeploy import atomic
 from hpqdeploy.config import TrainConfig
 from hpqdeploy.denormals import subnormals_flushed
 from hpqdeploy.errors import UserError
 from hpqdeploy.hooks import forward, forward_hooks
+from hpqdeploy.training import distributed
+from hpqdeploy.training.compute import Compute
 
 
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     """The plan's Adam, or SGD with Nesterov momentum 0.9: the usual recipe for CIFAR ResNets, at a larger `lr`
     (0.01-0.1) than Adam's."""
+    lr = cfg.lr * (distributed.ranks().world if cfg.scale_lr else 1)
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
-    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=lr, weight_decay=cfg.weight_decay)
 
 
 def lr_factor(step: int, steps: int, warmup_steps: int = 0) -> float:
@@ -42,9 +45,18 @@ def lr_factor(step: int, steps: int, warmup_steps: int = 0) -> float:
     return 0.5 * (1 + math.cos(math.pi * done / max(1, steps - warmup_steps)))
 
 
-def loader(dataset: Dataset, collate: Callable, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+def loader(dataset: Dataset, collate: Callable, batch_size: int, shuffle: bool, seed: int = 0,
+           compute: Compute | None = None) -> DataLoader:
+    """Batches in a seeded order; with `compute`'s workers made in worker processes (kept between epochs) and,
+    for CUDA, in pinned memory."""
     gen = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, collate_fn=collate, generator=gen)
+    workers = compute.workers if compute is not None else 0
+    sampler = None
+    if shuffle and distributed.ranks().active:  # each rank its part of every epoch, reshuffled per epoch
+        sampler, shuffle = DistributedSampler(dataset, shuffle=True, seed=seed), False
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler, collate_fn=collate,
+                      generator=gen, num_workers=workers, persistent_workers=workers > 0,
+                      pin_memory=compute is not None and compute.pin_memory)
 
 
 def progress(quiet: bool = False) -> Progress:
@@ -53,18 +65,23 @@ def progress(quiet: bool = False) -> Progress:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data: DataLoader, quiet: bool = True) -> dict:
+def evaluate(model: nn.Module, data: DataLoader, quiet: bool = True, compute: Compute | None = None) -> dict:
+    compute = compute or Compute.here(model)
     model.eval()
     correct = total = 0
     loss = 0.0
     with progress(quiet) as bar:
         task = bar.add_task("evaluate", total=len(data), status="")
         for inputs, labels in data:
-            logits = forward(model, inputs)
+            inputs, labels = compute.batch(inputs, labels)
+            with compute.autocast():
+                logits = forward(model, inputs).float()
             loss += F.cross_entropy(logits, labels, reduction="sum").item()
             correct += (logits.argmax(1) == labels).sum().item()
             total += labels.numel()
             bar.update(task, advance=1, status=f"acc {correct / total:.4f}")
+    loss, correct, total = distributed.all_sum([loss, correct, total], compute.device)  # every rank's shard
+    correct, total = int(correct), int(total)
     return {"accuracy": correct / max(total, 1), "loss": loss / max(total, 1), "examples": total}
 
 
@@ -204,7 +221,8 @@ def restore_random_state(state: dict, data: DataLoader) -> None:
 @subnormals_flushed()
 def finetune(model: nn.Module, data: DataLoader, cfg: TrainConfig, checkpoint: Path | None = None,
              resume: bool = False, quiet: bool = False, teacher: nn.Module | None = None,
-             span: range | None = None, before_step: Callable[[int, int], None] | None = None) -> list[dict]:
+             span: range | None = None, before_step: Callable[[int, int], None] | None = None,
+             compute: Compute | None = None) -> list[dict]:
     """`cfg.optimizer` (Adam by default) with weight decay and a cosine schedule (after `cfg.warmup` epochs of
     linear warmup); a checkpoint after every epoch, resumable with the same optimizer.
 
@@ -223,6 +241,9 @@ def finetune(model: nn.Module, data: DataLoader, cfg: TrainConfig, checkpoint: P
     if len(span) <= 0:
         return []
     torch.manual_seed(cfg.seed + span.start)
+    compute = compute or Compute.here(model)
+    scaler = compute.scaler()
+    main = distributed.ranks().main
     opt = make_optimizer(model.parameters(), cfg)
     steps, offset = cfg.epochs * len(data), span.start * len(data)
     warmup_steps = min(steps, round(cfg.warmup * len(data)))
@@ -240,25 +261,35 @@ def finetune(model: nn.Module, data: DataLoader, cfg: TrainConfig, checkpoint: P
         start, history = int(state["epoch"]), list(state.get("history", []))
         if "random" in state:
             restore_random_state(state["random"], data)
-    with attention_taps(model, teacher, cfg) as taps, progress(quiet) as bar:
+    trained = distributed.wrap(model, compute.device, compute.options.sync_bn)  # DDP under torchrun
+    with attention_taps(model, teacher, cfg) as taps, progress(quiet or not main) as bar:
         for epoch in range(start, span.stop):
+            if isinstance(getattr(data, "sampler", None), DistributedSampler):
+                data.sampler.set_epoch(epoch)
             model.train()
             task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(data), status="")
             running, seen = 0.0, 0
             for i, (inputs, labels) in enumerate(data):
                 if before_step is not None:
                     before_step((epoch - span.start) * len(data) + i, len(span) * len(data))
+                inputs, labels = compute.batch(inputs, labels)
                 inputs, mix = mixup(inputs, cfg)
                 teacher_logits = None
-                if teacher is not None and cfg.distill > 0:
-                    with torch.no_grad():
-                        teacher_logits = forward(teacher, inputs)
-                loss = training_loss(forward(model, inputs), labels, teacher_logits, cfg, mix)
-                if taps is not None:
-                    loss = loss + cfg.attention * attention_loss(taps[0].outputs, taps[1].outputs)
+                with compute.autocast():
+                    if teacher is not None and cfg.distill > 0:
+                        with torch.no_grad():
+                            teacher_logits = forward(teacher, inputs).float()
+                    loss = training_loss(forward(trained, inputs).float(), labels, teacher_logits, cfg, mix)
+                    if taps is not None:
+                        loss = loss + cfg.attention * attention_loss(taps[0].outputs, taps[1].outputs)
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+                if scaler is None:
+                    loss.backward()
+                    opt.step()
+                else:
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)
+                    scaler.update()
                 sched.step()
                 running += loss.item() * labels.numel()
                 seen += labels.numel()
@@ -266,9 +297,12 @@ def finetune(model: nn.Module, data: DataLoader, cfg: TrainConfig, checkpoint: P
             bar.remove_task(task)
             history.append({"epoch": epoch + 1, "train_loss": running / max(seen, 1),
                             "lr": opt.param_groups[0]["lr"]})
-            if checkpoint is not None:
+            if checkpoint is not None and main:  # rank 0 writes; every rank reads it on --resume
                 state = {"model": model.state_dict(), "optimizer": opt.state_dict(),
                          "optimizer_name": cfg.optimizer, "scheduler": sched.state_dict(), "epoch": epoch + 1,
                          "history": history, "random": random_state(data), "config": asdict(cfg)}
                 atomic.write_file(checkpoint, lambda tmp, state=state: torch.save(state, tmp))
+    if distributed.ranks().active:  # DDP keeps the replicas equal; a run that drifted must not be saved
+        distributed.broadcast_buffers(model)  # the last step's BatchNorm statistics and ranges: rank 0's
+        distributed.check_same(distributed.state_digest(model), "the fine-tuned parameters")
     return history

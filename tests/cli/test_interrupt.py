@@ -46,7 +46,7 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_ends_the_run_with_its_exit_code_and_one_line(tmp_path, sig, code):
     out = tmp_path / "baseline"
-    done = _start_and_stop([*TRAIN, "--epochs", "200", "-o", str(out)], tmp_path / "baseline.partial" / "train.ckpt",
+    done = _start_and_stop([*TRAIN, "--epochs", "5000", "-o", str(out)], tmp_path / "baseline.partial" / "train.ckpt",
                            sig)
     assert done.returncode == code, done.stderr[-2000:]
     lines = done.stderr.strip().splitlines()
