@@ -13,9 +13,10 @@ from hpqdeploy.cli.options import build, with_settings
 from hpqdeploy.experiment import schema
 from hpqdeploy.settings import SettingError, setting
 
-COMMANDS = {"train": (config.DataOptions, config.TrainConfig, config.ModelOptions),
-            "compress": (config.CompressOptions, config.TrainConfig, config.DataOptions),
-            "export": (config.ExportOptions,), "profile": (config.ProfileOptions,)}
+COMMANDS = {"train": (config.DataOptions, config.TrainConfig, config.ModelOptions, config.ComputeOptions),
+            "compress": (config.CompressOptions, config.TrainConfig, config.DataOptions, config.ComputeOptions),
+            "export": (config.ExportOptions,), "profile": (config.ProfileOptions,),
+            "experiment": (config.ComputeOptions,)}
 SECTIONS = {"baseline": (config.ModelOptions, config.DataOptions, config.TrainConfig),
             "compress": (config.CompressOptions, config.TrainConfig, config.DataOptions),
             "export": (config.ExportOptions,), "profile": (config.ProfileOptions,)}
@@ -54,7 +55,7 @@ def _out_of_bounds(spec: settings.Spec):
 def test_every_command_line_option_is_a_declared_setting_with_its_default_and_help(command):
     options = _options(command)
     declared = _declared(COMMANDS[command])
-    own = {"model", "baseline", "source", "output", "resume", "as_json", "quiet"}
+    own = {"model", "baseline", "source", "config", "output", "resume", "as_json", "quiet"}
     for name, opt in options.items():
         if name in own:
             continue

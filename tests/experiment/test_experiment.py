@@ -236,9 +236,9 @@ def test_interrupted_compress_resumes_from_its_checkpoint(copy, fake_report, mon
     resumed = []
     real_compress = pipeline.run_compress
 
-    def spy(baseline, out, opts, data, quiet, resume, command):
+    def spy(baseline, out, opts, data, quiet, resume, command, compute=None):
         resumed.append(resume)
-        return real_compress(baseline, out, opts, data, quiet, resume, command)
+        return real_compress(baseline, out, opts, data, quiet, resume, command, compute)
 
     monkeypatch.setattr(pipeline, "run_compress", spy)
     epochs_trained.clear()

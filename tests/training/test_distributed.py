@@ -102,7 +102,7 @@ def test_ranks_hold_identical_parameters_after_fine_tuning(tmp_path):
 
 def test_a_run_killed_mid_epoch_resumes_under_ddp(runs, tmp_path):
     root, *_ = runs
-    args = ["compress", str(root / "base"), "-o", "resumed", "--epochs", "3", *COMPRESS]
+    args = ["compress", str(root / "base"), "-o", "resumed", "--epochs", "2", *COMPRESS]
     proc = subprocess.Popen([*_torchrun(tmp_path, *args), "--quiet"], cwd=tmp_path, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     checkpoint = tmp_path / "resumed.partial" / "compress.ckpt"
@@ -114,10 +114,10 @@ def test_a_run_killed_mid_epoch_resumes_under_ddp(runs, tmp_path):
     proc.wait(timeout=120)
     assert not (tmp_path / "resumed").exists()
     epoch = torch.load(checkpoint, weights_only=True)["epoch"]
-    assert 1 <= epoch < 3
+    assert epoch == 1
     resumed = _run(tmp_path, *args, "--resume")
     whole = _run(tmp_path, *[a if a != "resumed" else "whole" for a in args])
-    assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2]
     losses = [h["train_loss"] for h in resumed["history"]]
     assert losses == pytest.approx([h["train_loss"] for h in whole["history"]], rel=1e-6)
     assert resumed["accuracy"] == pytest.approx(whole["accuracy"])
