@@ -11,6 +11,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from hpqdeploy.config import ComputeOptions
 from hpqdeploy.errors import UserError
 from hpqdeploy.experiment.schema import (BASELINE, BASELINE_DIR_KEYS, COMPRESS, EXPERIMENT, EXPORT, KINDS, METHODS,
                                          PROFILE, REPORT, SECTIONS, Key, has_kind, method_names)
@@ -31,7 +32,7 @@ class ExperimentConfig:
     profile: dict | None
     report: dict
     data: str  # the data set's name (from [baseline] or the baseline directory's plan)
-    compute: object = None  # ComputeOptions: where this run trains (given on the command line, not in the file)
+    compute: ComputeOptions | None = None  # where this run trains (given on the command line, not in the file)
 
     @property
     def root(self) -> Path:

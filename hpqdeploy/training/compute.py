@@ -57,22 +57,22 @@ def default_workers(device: torch.device) -> int:
 class Compute:
     """ComputeOptions resolved on this machine."""
 
-    def __init__(self, options: ComputeOptions | None = None):
+    def __init__(self, options: ComputeOptions | None = None, device: torch.device | None = None):
+        """`device`: an already placed model's device (no resolving, no joining a process group)."""
         self.options = options or ComputeOptions()
-        self.device = distributed.device_for(resolve_device(self.options.device))
-        self.ranks = distributed.init(self.device)
+        if device is None:
+            self.device = distributed.device_for(resolve_device(self.options.device))
+            self.ranks = distributed.init(self.device)
+        else:
+            self.device, self.ranks = device, distributed.ranks()
         check_precision(self.options.precision, self.device)
         self.precision = self.options.precision
         self.workers = self.options.workers if self.options.workers is not None else default_workers(self.device)
 
     @classmethod
     def here(cls, model: nn.Module) -> "Compute":
-        """fp32 on whichever device `model` is on (the loops' default)."""
-        compute = cls.__new__(cls)
-        compute.options = ComputeOptions(device="cpu")
-        compute.device, compute.precision, compute.workers = model_device(model), "fp32", 0
-        compute.ranks = distributed.ranks()
-        return compute
+        """fp32 on whichever device `model` is on, batches made in this process (the loops' default)."""
+        return cls(ComputeOptions(workers=0), device=model_device(model))
 
     def batch(self, inputs: Any, labels: torch.Tensor) -> tuple[Any, torch.Tensor]:
         """A batch on the device (channels-last images where the model is)."""
