@@ -44,6 +44,10 @@ def _data_loaders(loaded: LoadedModel, splits: Splits, cfg: TrainConfig, calib_b
     return train, evaluation, calib
 
 
+def _write(path: Path, blob: dict) -> None:
+    atomic.write_file(path, lambda tmp: torch.save(blob, tmp))
+
+
 def _to_cpu(loaded: LoadedModel) -> None:
     """The model as it is saved whatever trained it: on the CPU, in the default memory format."""
     loaded.module.to("cpu").to(memory_format=torch.contiguous_format)
@@ -195,6 +199,7 @@ def run_compress(baseline_dir: Path, out: Path, opts: CompressOptions, data: Dat
     reconstruction = {}
     analysis = work / "analysis.pt"
     saved = torch.load(analysis, weights_only=True) if resume and analysis.exists() else {}
+    distributed.barrier()  # every rank has read the interrupted run's decisions before rank 0 rewrites them
     options = {**asdict(opts), "data": asdict(data)}
     if "options" in saved:  # the decisions were made with these; other options would mix two runs (the
         refuse_changed_options(json.loads(saved["options"]), options, f"{out}")  # interrupted run is kept)
@@ -205,7 +210,7 @@ def run_compress(baseline_dir: Path, out: Path, opts: CompressOptions, data: Dat
             pruning = planning.decide_pruning(model, example, calib, opts, target) if main else []
             pruning = [GroupDecision.from_json(d) for d in distributed.broadcast([d.to_json() for d in pruning])]
         if main:
-            torch.save({"pruning": [d.to_json() for d in pruning], "options": json.dumps(options)}, analysis)
+            _write(analysis, {"pruning": [d.to_json() for d in pruning], "options": json.dumps(options)})
         cut = any(d.removed for d in pruning)
         fade = opts.fade_epochs() if cut else 0
         history, fade_seconds = saved.get("fade_history", []), time.time()
@@ -226,8 +231,8 @@ def run_compress(baseline_dir: Path, out: Path, opts: CompressOptions, data: Dat
             quant_plan = {n: LayerBits.from_json(lb) for n, lb in decided.items()}
         plan = planning.to_json(opts, target, pruning, quant_plan)
         if main:
-            torch.save({"pruning": plan["pruning"], "fade_history": history, "options": json.dumps(options),
-                        "bits": json.dumps(plan["bits"])}, analysis)
+            _write(analysis, {"pruning": plan["pruning"], "fade_history": history, "options": json.dumps(options),
+                              "bits": json.dumps(plan["bits"])})
         macs = count_macs(model, example)
         model, _ = planning.attach_quantizers(model, quant_plan, calib, target)
         distributed.sync_ranges(model)

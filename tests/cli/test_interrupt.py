@@ -23,9 +23,16 @@ def _env() -> dict:
     return {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
+def _as_from_a_terminal() -> None:
+    """Ctrl-C reaches the command as it does from a shell prompt, also where this test runs in a background job
+    (which starts its children with SIGINT ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_and_stop(args: list[str], checkpoint: Path, sig: int, timeout: float = 120) -> subprocess.CompletedProcess:
     """Start the command, wait until it has finished an epoch (its checkpoint exists), then send `sig`."""
-    proc = subprocess.Popen(_cli(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    proc = subprocess.Popen(_cli(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                            preexec_fn=_as_from_a_terminal)
     deadline = time.monotonic() + timeout
     while not checkpoint.exists():
         if proc.poll() is not None or time.monotonic() > deadline:

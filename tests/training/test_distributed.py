@@ -104,7 +104,7 @@ def test_a_run_killed_mid_epoch_resumes_under_ddp(runs, tmp_path):
     root, *_ = runs
     args = ["compress", str(root / "base"), "-o", "resumed", "--epochs", "2", *COMPRESS]
     proc = subprocess.Popen([*_torchrun(tmp_path, *args), "--quiet"], cwd=tmp_path, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     checkpoint = tmp_path / "resumed.partial" / "compress.ckpt"
     deadline = time.time() + 300
     while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
