@@ -3,6 +3,7 @@ machine cannot run, and record each step in the state file as it goes."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 import uuid
@@ -162,6 +163,9 @@ def run_experiment(config: Path, out: Path | None = None, quiet: bool = False, c
     Returns {"experiment", "config", "out", "state", "seconds", "counts": {ran, cached, skipped},
     "steps": {name: {"status": "ran" | "cached" | "skipped", "seconds", "hash", "output", "reason"}}}.
     """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("experiment runs its steps in one process; launch `train` and `compress` under torchrun "
+                        "(then name the baseline in [baseline] dir) for data-parallel fine-tuning")
     cfg = replace(load_config(config), compute=compute)
     if out is not None:
         cfg = replace(cfg, out=Path(out).expanduser().resolve())

@@ -449,3 +449,13 @@ def _existing(path: Path) -> Path:
     if path.exists():
         return path
     return Path(__file__) if path.suffix in (".th", ".pth", ".pt") else Path(__file__).parent
+
+
+def test_experiment_under_torchrun_is_refused_in_one_line(tmp_path, monkeypatch):
+    """Its export and profile steps run in one process; data-parallel fine-tuning is `train`/`compress` under
+    torchrun."""
+    (tmp_path / "exp.toml").write_text(CONFIG)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="^experiment runs its steps in one process"):
+        run_experiment(tmp_path / "exp.toml", quiet=True)
+    assert not (tmp_path / "out").exists()
