@@ -114,7 +114,7 @@ def save(model: nn.Module, plan: dict | None, out: str | Path, *, source: Loaded
         described.update(fp32_bytes=b["fp32_bytes"], compression=round(b["fp32_bytes"] / total, 3),
                          params_ratio=round(described["params"] / b["params"], 4),
                          macs_ratio=round(described["macs"] / b["macs"], 4),
-                         bytes_ratio=round(described["bytes"]["total"] / b["fp32_bytes"], 4))
+                         bytes_ratio=round(total / b["fp32_bytes"], 4))
         if described["accuracy"] is not None and b.get("accuracy") is not None:
             described["accuracy_drop"] = round(b["accuracy"] - described["accuracy"], 4)
     provenance = {"command": "hpqdeploy.save (Python API)", "saved": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

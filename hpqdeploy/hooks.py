@@ -18,16 +18,26 @@ import torch.nn as nn
 def forward(model: nn.Module, inputs: Any) -> torch.Tensor:
     """The model's output; inputs on another device than the model's parameters are moved to it first (the
     calibration batches stay on the CPU while the model may train on a GPU)."""
-    device = next((p.device for p in model.parameters()), None)
-    if device is not None and device.type != "cpu":
-        inputs = _moved(inputs, device)
+    device = model_device(model)
+    if device.type != "cpu":
+        inputs = to_device(inputs, device)
     return model(**inputs) if isinstance(inputs, dict) else model(inputs)
 
 
-def _moved(inputs: Any, device: torch.device) -> Any:
-    if isinstance(inputs, dict):
-        return {k: _moved(v, device) for k, v in inputs.items()}
-    return inputs.to(device, non_blocking=True) if isinstance(inputs, torch.Tensor) else inputs
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's parameters are (the CPU for a model without any)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+def to_device(value: Any, device: torch.device, channels_last: bool = False) -> Any:
+    """Tensors (and dicts of them) on `device`; 4-D float tensors channels-last when asked."""
+    if isinstance(value, dict):
+        return {k: to_device(v, device, channels_last) for k, v in value.items()}
+    if isinstance(value, torch.Tensor):
+        value = value.to(device, non_blocking=True)
+        if channels_last and value.dim() == 4 and value.is_floating_point():
+            value = value.contiguous(memory_format=torch.channels_last)
+    return value
 
 
 @contextmanager

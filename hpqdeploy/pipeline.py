@@ -27,12 +27,12 @@ from hpqdeploy.core.targets import load_target
 from hpqdeploy.data import Splits, load_data
 from hpqdeploy.denormals import subnormals_flushed
 from hpqdeploy.errors import UserError
-from hpqdeploy.hooks import forward
+from hpqdeploy.hooks import forward, to_device
 from hpqdeploy.metrics import count_macs, count_params, param_breakdown, weight_bytes
 from hpqdeploy.models import load_model
 from hpqdeploy.models.spec import LoadedModel
 from hpqdeploy.training import distributed
-from hpqdeploy.training.compute import Compute, to_device
+from hpqdeploy.training.compute import Compute
 from hpqdeploy.training.loop import evaluate, finetune, loader, refuse_changed_options
 
 

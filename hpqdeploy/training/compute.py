@@ -16,6 +16,7 @@ import torch.nn as nn
 
 from hpqdeploy.config import ComputeOptions
 from hpqdeploy.errors import UserError
+from hpqdeploy.hooks import model_device, to_device
 from hpqdeploy.training import distributed
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -84,10 +85,10 @@ class Compute:
     def pin_memory(self) -> bool:
         return self.device.type == "cuda"
 
-    def place(self, model: nn.Module, channels_last: bool | None = None) -> nn.Module:
+    def place(self, model: nn.Module) -> nn.Module:
         """The model on the device, channels-last where asked for and the model has convolutions."""
         model.to(self.device)
-        if (self.options.channels_last if channels_last is None else channels_last) and has_conv(model):
+        if self.options.channels_last and has_conv(model):
             model.to(memory_format=torch.channels_last)
         return model
 
@@ -112,19 +113,3 @@ class Compute:
 
 def has_conv(model: nn.Module) -> bool:
     return any(isinstance(m, nn.Conv2d) for m in model.modules())
-
-
-def to_device(value: Any, device: torch.device, channels_last: bool = False) -> Any:
-    """Tensors (and dicts of them) on `device`; 4-D float tensors channels-last when asked."""
-    if isinstance(value, dict):
-        return {k: to_device(v, device, channels_last) for k, v in value.items()}
-    if isinstance(value, torch.Tensor):
-        value = value.to(device, non_blocking=True)
-        if channels_last and value.dim() == 4 and value.is_floating_point():
-            value = value.contiguous(memory_format=torch.channels_last)
-        return value
-    return value
-
-
-def model_device(model: nn.Module) -> torch.device:
-    return next((p.device for p in model.parameters()), torch.device("cpu"))

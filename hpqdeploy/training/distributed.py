@@ -116,12 +116,16 @@ def broadcast_buffers(model: nn.Module) -> None:
     before each forward pass: after the last step each rank has updated its own."""
     if not ranks().active:
         return
-    nccl = dist.get_backend() == "nccl"
     for b in model.buffers():
-        t = b if nccl else b.cpu()
-        dist.broadcast(t, src=0)
-        if t is not b:
-            b.copy_(t)
+        _collective(b, dist.broadcast, src=0)
+
+
+def _collective(t: torch.Tensor, run, **kwargs) -> None:
+    """The collective `run` on `t` in place, through a CPU copy where the backend (gloo) needs one."""
+    on_backend = t if dist.get_backend() == "nccl" or t.device.type == "cpu" else t.cpu()
+    run(on_backend, **kwargs)
+    if on_backend is not t:
+        t.copy_(on_backend)
 
 
 def state_digest(model: nn.Module) -> str:
@@ -137,8 +141,8 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
     """Element-wise sum over ranks (float64, so counts stay exact)."""
     if not ranks().active:
         return values
-    t = torch.tensor(values, dtype=torch.float64, device=device if dist.get_backend() == "nccl" else "cpu")
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    _collective(t, dist.all_reduce, op=dist.ReduceOp.SUM)
     return t.tolist()
 
 
@@ -151,12 +155,8 @@ def sync_ranges(model: nn.Module) -> None:
 
     for m in model.modules():
         if isinstance(m, _ActObserver) and hasattr(m, "act_range") and m.act_source is None:
-            lo, hi = m.act_range[0:1].clone(), m.act_range[1:2].clone()
-            backend_cpu = dist.get_backend() != "nccl"
-            lo_, hi_ = (lo.cpu(), hi.cpu()) if backend_cpu else (lo, hi)
-            dist.all_reduce(lo_, op=dist.ReduceOp.MIN)
-            dist.all_reduce(hi_, op=dist.ReduceOp.MAX)
-            m.act_range.copy_(torch.cat([lo_, hi_]).to(m.act_range.device))
+            _collective(m.act_range[0:1], dist.all_reduce, op=dist.ReduceOp.MIN)
+            _collective(m.act_range[1:2], dist.all_reduce, op=dist.ReduceOp.MAX)
 
 
 def shard(dataset: Dataset) -> Dataset:
