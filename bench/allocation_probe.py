@@ -97,10 +97,11 @@ def markdown(rows: list[dict]) -> str:
              "Hand-set pruning allocations and fine-tuning recipes, fine-tuned like the acceptance table "
              "(bench/allocation_probe.py); accuracy on the full evaluation split. Recipe: compress's defaults "
              "unless stated; the seed is compress's `--seed` (calibration sample, data order, augmentation). "
-             "The baseline column is the baseline each row compressed: the fifth session's 88.55% run (AMD EPYC) "
-             "for most, the ninth session's 88.37% run (Intel Xeon) for the current table, magnitude-hybrid, "
-             "hybrid-e20 and hybrid-e20-s1, the 20-epoch table `resnet20-e20`'s 88.51% baseline (eleventh "
-             "session) for e20-hybrid-s1, the others named in their commands.", "",
+             "The baseline column is the baseline each row compressed: an 88.55% run (AMD EPYC, AVX2 only) "
+             "for most, an 88.37% run (Intel Xeon) for the current table, magnitude-hybrid, "
+             "hybrid-e20 and hybrid-e20-s1, the 20-epoch table `resnet20-e20`'s 88.51% baseline "
+             "for e20-hybrid-s1, the others named in their commands. Rows from different machines are not "
+             "compared with each other.", "",
              "| probe | method | epochs | accuracy | baseline | Δ pt | params | MACs | overrides | recipe | seconds |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for ref in _table_rows():

@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PATH = ROOT / "BENCHMARKS.md"
 PINNED = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
@@ -25,23 +24,26 @@ def run_cli(args: list[str], log: Path, quiet: bool = True) -> int:
                               stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, **PINNED}, cwd=ROOT).returncode
 
 
+def results_dir() -> Path:
+    """Where results JSON (and each probe's Markdown) go: bench/results, or HPQDEPLOY_BENCH_RESULTS when set (so a
+    reduced `run_all.py --quick` run never replaces the committed results)."""
+    return Path(os.environ.get("HPQDEPLOY_BENCH_RESULTS") or ROOT / "bench" / "results")
+
+
 def replace_section(name: str, heading: str, section: str) -> None:
-    """Each script owns the text between its `<!-- NAME:begin -->` and `<!-- NAME:end -->` markers."""
-    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    text = PATH.read_text() if PATH.exists() else "# Benchmarks\n"
-    if begin not in text:
-        text += f"\n## {heading}\n\n{begin}\n{end}\n"
-    head, _, rest = text.partition(begin)
-    _, _, tail = rest.partition(end)
-    PATH.write_text(f"{head}{begin}\n{section}\n{end}{tail}")
+    """A probe's own Markdown, `NAME.md` beside the results. BENCHMARKS.md is not written here: `run_all.py` composes
+    it from the results JSON of the sections it runs."""
+    out = results_dir() / f"{name}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(f"## {heading}\n\n{section}\n")
 
 
 def publish(path: Path, blob: dict, name: str, heading: str, section: str) -> None:
-    """Write a benchmark's results (`path`, JSON) and its section of BENCHMARKS.md."""
+    """Write a benchmark's results (`path`, JSON) and its Markdown beside them."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(blob, indent=2) + "\n")
     replace_section(name, heading, section)
-    print(f"wrote {path} and BENCHMARKS.md")
+    print(f"wrote {path}")
 
 
 def cli(args: list[str], log: Path) -> bool:

@@ -1,4 +1,4 @@
-"""Acceptance benchmark for `hpqdeploy compress` (issue 2): ResNet-20/CIFAR-10 and MiniLM/SST-2 on ../shared.
+"""The compress experiments and ablations of `hpqdeploy compress`: ResNet-20/CIFAR-10 and MiniLM/SST-2 on ../shared.
 
 Runs the CLI exactly as a user would (one subprocess per step, argument lists, one thread each, two at a time),
 then writes bench/results/compress.json and the table in BENCHMARKS.md. Usage:
@@ -266,7 +266,7 @@ def main() -> None:
                 results[name].update(command=command, seconds=round(time.time() - start))
     out.write_text(json.dumps({"results": results}, indent=2) + "\n")
     (out.with_suffix(".md")).write_text(markdown(results))
-    replace_section("compress", "compress (issue 2)", markdown(results))
+    replace_section("compress", "compress: baseline and methods per experiment", markdown(results))
     print(f"wrote {out}, {out.with_suffix('.md')} and BENCHMARKS.md")
 
 

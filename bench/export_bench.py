@@ -1,4 +1,4 @@
-"""Acceptance benchmark for `hpqdeploy export` (issue 3): every runtime, baseline and hybrid, side by side.
+"""Accuracy and speed of `hpqdeploy export` in: every runtime, baseline and hybrid, side by side.
 
 Exports the `compress_bench.py` artifacts (ResNet-20/CIFAR-10, MiniLM/SST-2) to each runtime with the CLI,
 evaluates them in the runtime on the full evaluation split (done by `export`), then measures batch-1 latency of
@@ -131,7 +131,7 @@ def main() -> None:
     previous = json.loads(out.read_text()) if out.exists() else {"results": {}}
     previous.setdefault("commands", {})
     if args.render_only:
-        replace_section("export", "export (issue 3)", markdown(previous["results"], previous["commands"]))
+        replace_section("export", "export: accuracy inside each runtime", markdown(previous["results"], previous["commands"]))
         return
     import torch
 
@@ -161,7 +161,7 @@ def main() -> None:
         if mixed:
             previous["results"][f"{model}/mixed"] = [_row(k, d, lat) for k, d in mixed.items()]
         previous["commands"][model] = command
-    publish(out, previous, "export", "export (issue 3)", markdown(previous["results"], previous["commands"]))
+    publish(out, previous, "export", "export: accuracy inside each runtime", markdown(previous["results"], previous["commands"]))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Is the compressed model faster on each runtime than what the runtime's own INT8 tool makes in a minute?
 
-For ResNet-20/CIFAR-10 and MiniLM/SST-2: the runs under `--runs DIR` (DIR/MODEL/{baseline,quant,hybrid}, made by
+For ResNet-20/CIFAR-10 and MiniLM/SST-2: the runs under `--runs DIR` (DIR/MODEL/{baseline,quant,prune,hybrid}, made by
 `hpqdeploy train` and `hpqdeploy compress`) are exported with the CLI to ONNX Runtime, OpenVINO and ExecuTorch; each
 runtime's own post-training tool quantizes the same fp32 baseline in this run (`bench/peers/`: ResNet-20 ORT
 `quantize_static`, NNCF `quantize`, ExecuTorch PT2E `XNNPACKQuantizer`; MiniLM ORT `quantize_dynamic`, NNCF
@@ -24,18 +24,18 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from common import ROOT, export, machine, machine_markdown, publish, replace_section, round_robin
+from common import ROOT, export, machine, machine_markdown, publish, replace_section, results_dir, round_robin
 from peers_bench import artifact_bytes, evaluate, peer_dir, spawn_peer
 
 RUNTIMES = ("onnxruntime", "openvino", "executorch")
-SOURCES = ("baseline", "quant", "hybrid")
+SOURCES = ("baseline", "quant", "prune", "hybrid")
 PEERS = {"resnet20": {"onnxruntime": "ort-static", "openvino": "nncf-ptq", "executorch": "et-pt2e"},
          "minilm": {"onnxruntime": "ort-dynamic", "openvino": "nncf-ptq", "executorch": "et-8da4w"}}
 GOALS = {  # speed of hpqdeploy's artifact over the best peer's on the same runtime, per batch size
     "resnet20": {"quant": {1: 1.0, 32: 1.0}, "hybrid": {1: 1.3, 32: 1.6}},
     "minilm": {"quant": {1: 1.0, 32: 1.0}, "hybrid": {1: 1.3, 32: 1.3}}}
 ACCURACY_GOALS = {"quant": 0.2, "hybrid": 0.3}  # points between the runtime and the PyTorch compressed model
-RESULTS = ROOT / "bench" / "results" / "fast_path.json"
+RESULTS = results_dir() / "fast_path.json"
 HEADING = "speed against each runtime's own INT8 tool"
 BATCHES = (1, 32)
 
@@ -193,9 +193,6 @@ def markdown(blob: dict) -> str:
             lines.append(f"| {r['row']} | {r['runtime']} | {100 * r['accuracy']:.2f}% | {torch_acc} | {legal_acc} | "
                          f"{r['bytes']:,} | {r.get('b1_p50_ms', '')} | {r.get('b32_p50_ms', '')} | {vs[0]} | {vs[1]} | "
                          f"{_fast_path_text(r)} |")
-        lines += ["", "| runtime | method | goal | measured | met |", "|---|---|---|---|---|"]
-        lines += [f"| {g['runtime']} | {g['source']} | {g['goal']} | {g['value']} | {'yes' if g['met'] else '**no**'} |"
-                  for g in res["goals"]]
         profiled = [r for r in res["rows"] if r.get("ort_profile_b32_ms")]
         if profiled:
             keys = sorted({k for r in profiled for k in r["ort_profile_b32_ms"]})
@@ -215,7 +212,7 @@ def markdown(blob: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--runs", type=Path, required=True, help="holds MODEL/{baseline,quant,hybrid}")
+    ap.add_argument("--runs", type=Path, required=True, help="holds MODEL/{baseline,quant,prune,hybrid}")
     ap.add_argument("--only", choices=tuple(PEERS))
     ap.add_argument("--budget", default="", help="how the runs were made (recorded with the table)")
     ap.add_argument("--iters-b1", type=int, default=200)
@@ -223,7 +220,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--parallel", type=int, default=2, help="export/peer processes at a time (one thread each)")
     ap.add_argument("--render-only", action="store_true")
+    ap.add_argument("--parse-only", action="store_true", help=argparse.SUPPRESS)  # run_all's tests
     args = ap.parse_args()
+    if args.parse_only:
+        return
     blob = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"results": {}}
     if args.render_only:
         replace_section("fast_path", HEADING, markdown(blob))

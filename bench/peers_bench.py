@@ -1,4 +1,4 @@
-"""Peer benchmark (issue 5): hpqdeploy against the tools its users would otherwise pick, side by side.
+"""Peer benchmark: hpqdeploy against the tools its users would otherwise pick, side by side.
 
 For ResNet-20/CIFAR-10 and MiniLM/SST-2, on the runs `compress_bench.py` wrote (baseline = the fp32 model fine-tuned
 with the methods' budget, the reference row; hybrid, prune-only, quant-only):
@@ -34,7 +34,7 @@ from common import PINNED, ROOT, export, publish, replace_section, round_robin
 RUNTIMES = ("onnxruntime", "openvino", "executorch")
 SOURCES = ("baseline", "hybrid", "prune", "quant")
 RESULTS = ROOT / "bench" / "results" / "peers.json"
-HEADING = "peer benchmark (issue 5)"
+HEADING = "peer benchmark"
 GOALS = {"accuracy_points": 1.0, "smaller_than_fp32": 8.0, "throughput_vs_fp32": 1.5,
          "throughput_runtimes": ("openvino", "executorch")}
 
@@ -229,7 +229,7 @@ def markdown(blob: dict) -> str:
                 lines.append(f"| {r['row']} | {rt} | {100 * r['accuracy']:.2f}% | "
                              f"{100 * (r['accuracy'] - b['accuracy']):+.2f} | {r['bytes']:,} | "
                              f"1/{b['bytes'] / r['bytes']:.1f} | {r.get('throughput_per_s', '-')} | {span} | {speed} |")
-        lines += ["", "Goals for the hybrid (issue 5):", "", "| runtime | goal | measured | met |", "|---|---|---|---|"]
+        lines += ["", "Goals for the hybrid:", "", "| runtime | goal | measured | met |", "|---|---|---|---|"]
         lines += [f"| {g['runtime']} | {g['goal']} | {g['value']} | {'yes' if g['met'] else '**no**'} |"
                   for g in res["goals"]]
         lines += ["", "Peers as run:", ""]

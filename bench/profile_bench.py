@@ -1,4 +1,4 @@
-"""Acceptance benchmark for `hpqdeploy profile` (issue 4) on this machine.
+"""`hpqdeploy profile` on this machine: latency percentiles, throughput, memory, energy where a meter exists.
 
 Profiles the baseline and hybrid exports of ResNet-20/CIFAR-10 and MiniLM/SST-2 (written by `export_bench.py`) for
 ONNX Runtime, OpenVINO and ExecuTorch, at batch 1 and a larger batch, one CLI process per profile, one after the
@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from common import publish, run_cli
+from common import machine, publish, results_dir, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNTIMES = ("onnxruntime", "openvino", "executorch")
@@ -26,6 +26,7 @@ REPEATS = 3
 
 
 def profile(runs: Path, model: str, source: str, runtime: str, batch: int, iters: int) -> dict | None:
+    """One `hpqdeploy profile` of an export under `runs` (kept there, so a re-run reuses it)."""
     export_dir = runs / "export" / model / f"{source}-{runtime}"
     out = runs / "profile" / model / f"{source}-{runtime}-b{batch}"
     if not (out / "profile.json").exists():
@@ -87,8 +88,12 @@ def main() -> None:
     ap.add_argument("--only", choices=list(PLAN))
     ap.add_argument("--runs", type=Path, default=ROOT / "bench" / "runs", help="where export_bench.py wrote")
     ap.add_argument("--render-only", action="store_true")
+    ap.add_argument("--iters-factor", type=float, default=1.0, help="scale every row's timed calls (a smaller run)")
+    ap.add_argument("--parse-only", action="store_true", help=argparse.SUPPRESS)  # run_all's tests
     args = ap.parse_args()
-    out = ROOT / "bench" / "results" / "profile.json"
+    if args.parse_only:
+        return
+    out = results_dir() / "profile.json"
     blob = json.loads(out.read_text()) if out.exists() else {"results": {}, "commands": {}}
     if not args.render_only:
         for model in [args.only] if args.only else list(PLAN):
@@ -96,13 +101,15 @@ def main() -> None:
             for batch, iters in PLAN[model]:
                 for source in SOURCES:
                     for rt in RUNTIMES:
-                        r = profile(args.runs, model, source, rt, batch, iters)
+                        n = max(2, round(iters * args.iters_factor))
+                        r = profile(args.runs.resolve(), model, source, rt, batch, n)
                         if r is not None:
                             rows.append(row(model, source, rt, r))
             blob["results"][model] = rows
             blob["commands"][model] = " ".join(["python bench/profile_bench.py", *sys.argv[1:]])
+        blob["machine"] = machine()
     blob["command"] = "; ".join(f"{v}" for v in blob["commands"].values())
-    publish(out, blob, "profile", "profile (issue 4)", markdown(blob))
+    publish(out, blob, "profile", "profile on this CPU", markdown(blob))
 
 
 if __name__ == "__main__":

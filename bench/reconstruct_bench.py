@@ -67,7 +67,7 @@ def main() -> None:
     publish(ROOT / "bench/results/reconstruct.json",
             {"command": command, "plan": str(args.plan), "eval_examples": examples, "accuracy": rows,
              "seconds": seconds, "layers": report},
-            "reconstruct", "reconstruction before fine-tuning (issue 2)", "\n".join(lines))
+            "reconstruct", "reconstruction before fine-tuning", "\n".join(lines))
 
 
 if __name__ == "__main__":

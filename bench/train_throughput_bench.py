@@ -30,9 +30,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, machine, machine_markdown, publish  # noqa: E402
+from common import ROOT, machine, machine_markdown, publish, results_dir  # noqa: E402
 
-RESULTS = ROOT / "bench" / "results" / "train_throughput.json"
+RESULTS = results_dir() / "train_throughput.json"
 HEADING = "Training throughput per compute setting (CPU)"
 SHARED = ROOT.parent / "shared"
 CIFAR = SHARED / "data" / "cifar10-jpeg"
@@ -168,7 +168,10 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--render-only", action="store_true", help="rewrite the section from the results JSON")
     ap.add_argument("--worker"), ap.add_argument("--model", default="resnet20"), ap.add_argument("--out")
+    ap.add_argument("--parse-only", action="store_true", help=argparse.SUPPRESS)  # run_all's tests
     args = ap.parse_args()
+    if args.parse_only:
+        return
     if args.worker:
         return worker(args)
     if args.render_only:
