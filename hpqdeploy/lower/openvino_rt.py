@@ -38,7 +38,7 @@ MODEL_BIN = "model.bin"
 # precision option -> INFERENCE_PRECISION_HINT (None: the CPU plugin's own default, bf16 on CPUs with native bf16)
 PRECISIONS = {"f32": "f32", "bf16": "bf16", "f16": "f16", "default": None}
 # On some CPUs the plugin also quantizes the activations of layers with compressed weights to int8 on the fly, under
-# any precision hint (groups of 32 on a Xeon with AMX; not on the AMD EPYC with AVX-512 VNNI of earlier runs): a
+# any precision hint (groups of 32 on a Xeon with AMX; not on an AMD EPYC with AVX2 only): a
 # 4-bit weight-only layer of the plan then runs as w4a8, 3.7e-3 off on outputs of ~0.5 in
 # test_grouped_four_bit_weights (0 without it). "f32" asks for the plan's numerics, so it turns that off;
 # "default" keeps the plugin's own choices and reports them.

@@ -1,5 +1,5 @@
 """Dockerfile.jetson, read as instructions (there is no Docker engine here): JetPack 6 base, JetPack's torch and
-TensorRT kept, hpqdeploy installed, not root; hadolint when a binary is found; docs/jetson.md in step with it."""
+TensorRT kept, hpqdeploy installed, not root; hadolint when a binary is found; docs/devices/jetson.md in step with it."""
 
 import os
 import re
@@ -153,7 +153,7 @@ def test_trtexec_on_path(steps):
 
 
 def test_docs_have_the_build_and_run_lines():
-    docs = (ROOT / "docs" / "jetson.md").read_text()
+    docs = (ROOT / "docs" / "devices" / "jetson.md").read_text()
     assert "docker build -f Dockerfile.jetson -t hpqdeploy:jetson ." in docs
     runs = [block for block in re.findall(r"```sh\n(.*?)```", docs, re.S) if "docker run" in block]
     assert runs and all("--runtime nvidia" in block and "hpqdeploy:jetson profile" in block for block in runs)
