@@ -128,10 +128,11 @@ def main() -> None:
     ap.add_argument("--render-only", action="store_true", help="rewrite BENCHMARKS.md from bench/results/export.json")
     args = ap.parse_args()
     out = ROOT / "bench" / "results" / "export.json"
+    heading = "export: accuracy inside each runtime"
     previous = json.loads(out.read_text()) if out.exists() else {"results": {}}
     previous.setdefault("commands", {})
     if args.render_only:
-        replace_section("export", "export: accuracy inside each runtime", markdown(previous["results"], previous["commands"]))
+        replace_section("export", heading, markdown(previous["results"], previous["commands"]))
         return
     import torch
 
@@ -161,7 +162,7 @@ def main() -> None:
         if mixed:
             previous["results"][f"{model}/mixed"] = [_row(k, d, lat) for k, d in mixed.items()]
         previous["commands"][model] = command
-    publish(out, previous, "export", "export: accuracy inside each runtime", markdown(previous["results"], previous["commands"]))
+    publish(out, previous, "export", heading, markdown(previous["results"], previous["commands"]))
 
 
 if __name__ == "__main__":

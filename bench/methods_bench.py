@@ -101,7 +101,8 @@ def judge(model: str, rows: list[dict]) -> list[dict]:
     by = {r["method"]: r for r in rows}
     base, hybrid, goals = by["baseline"], by["hybrid"], GOALS[model]
     gap = 100 * (base["accuracy"] - hybrid["accuracy"])
-    out = [{"goal": f"hybrid within {goals['points']} point of the baseline", "value": f"{gap:+.2f} pt below",
+    out = [{"goal": f"hybrid within {goals['points']} point of the baseline",
+            "value": f"{abs(gap):.2f} pt " + ("below" if gap > 0 else "above"),
             "met": gap <= goals["points"] + 1e-9}]
     if "params" in goals:
         out.append({"goal": f"hybrid parameters <= {goals['params']}x", "value": f"{hybrid['params_ratio']:.3f}x",

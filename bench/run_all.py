@@ -48,13 +48,17 @@ class Section:
     script: str  # bench/SCRIPT.py: runs the measurement, and its `markdown(blob)` renders it
     results: str  # its JSON in the results directory
     goal: str  # what the section is for, in a sentence
-    args: Callable[[str, Path], list[str]]  # (size, runs) -> the script's arguments
+    args: Callable[[str, Path, Path], list[str]]  # (size, runs, results) -> the script's arguments
     judge: Callable[[dict], list[dict]]  # results -> goals: {"goal", "value", "met"}
 
 
-def _listed_goals(blob: dict) -> list[dict]:
-    return [{**g, "goal": f"{model}: " + (f"{g['runtime']} {g['source']}: " if "runtime" in g else "") + g["goal"]}
-            for model, res in blob["results"].items() for g in res["goals"]]
+def _judged_per_model(script: str) -> Callable[[dict], list[dict]]:
+    """The goals of a per-model section, judged from its rows by the section script's own `judge(model, rows)`."""
+    def judge(blob: dict) -> list[dict]:
+        module = importlib.import_module(script)
+        return [{**g, "goal": f"{model}: " + (f"{g['runtime']} {g['source']}: " if "runtime" in g else "") + g["goal"]}
+                for model, res in blob["results"].items() for g in module.judge(model, res["rows"])]
+    return judge
 
 
 def _profile_goals(blob: dict, spread: float = 0.10) -> list[dict]:
@@ -106,24 +110,24 @@ SECTIONS = (
     Section("methods", "Compression: baseline and the three methods", "methods_bench", "methods.json",
             "how much smaller the hybrid, pruning alone and quantization alone make each model, and what accuracy "
             "they cost against the baseline they started from",
-            lambda size, runs: ["--runs", str(runs), "--size", size], _listed_goals),
+            lambda size, runs, results: ["--runs", str(runs), "--size", size], _judged_per_model("methods_bench")),
     Section("runtimes", "On each runtime, against the runtime's own INT8 tool", "fast_path_bench", "fast_path.json",
             "whether the compressed model is smaller and faster on each runtime than what the runtime's own "
             "post-training tool makes from the same baseline, at what accuracy measured inside the runtime",
-            lambda size, runs: ["--runs", str(runs), "--budget", _budget(runs),
+            lambda size, runs, results: ["--runs", str(runs), "--budget", _budget(results),
                                 *(["--iters-b1", "50", "--iters-b32", "8", "--repeats", "2"] if size == QUICK else [])],
-            _listed_goals),
+            _judged_per_model("fast_path_bench")),
     Section("profile", "Profile on this CPU", "profile_bench", "profile.json",
             "latency percentiles, throughput and memory of the baseline and hybrid exports as `hpqdeploy profile` "
             "reports them, and whether repeats agree",
-            lambda size, runs: ["--runs", str(runs), *(["--iters-factor", "0.25"] if size == QUICK else [])],
+            lambda size, runs, results: ["--runs", str(runs), *(["--iters-factor", "0.25"] if size == QUICK else [])],
             _profile_goals),
     Section("widths", "Channel widths the runtimes run fast", "width_bench", "width.json",
             "which channel counts each runtime's kernels run fast on this CPU, the multiple pruning rounds to",
-            lambda size, runs: ["--iters", "10", "--repeats", "2"] if size == QUICK else [], _width_goals),
+            lambda size, runs, results: ["--iters", "10", "--repeats", "2"] if size == QUICK else [], _width_goals),
     Section("training", "Training throughput per compute setting", "train_throughput_bench", "train_throughput.json",
             "how fast fine-tuning runs per compute setting on this CPU, and whether the fastest keeps the accuracy",
-            lambda size, runs: ["--runs", str(runs / "train-throughput"),
+            lambda size, runs, results: ["--runs", str(runs / "train-throughput"),
                                 *(["--images", "512", "--text", "128", "--repeats", "1", "--epochs", "1"]
                                   if size == QUICK else [])],
             _training_goals),
@@ -131,9 +135,9 @@ SECTIONS = (
 BY_KEY = {s.key: s for s in SECTIONS}
 
 
-def _budget(runs: Path) -> str:
+def _budget(results: Path) -> str:
     """How the runs were made, from the methods section's results (written just before)."""
-    blob = json.loads((Path(os.environ["HPQDEPLOY_BENCH_RESULTS"]) / "methods.json").read_text())
+    blob = json.loads((results / "methods.json").read_text())
     return "; ".join(f"{model}: {res['budget']}" for model, res in blob["results"].items())
 
 
@@ -168,7 +172,9 @@ def render(results: Path, picture: Path | None, picture_link: str) -> str:
     judged = {key: BY_KEY[key].judge(blob) for key, blob in blobs.items()}
     lines = ["# Benchmarks", "",
              "Every figure on this page was measured on the one machine below, in one run of "
-             f"`{run.get('command', 'python bench/run_all.py')}`, and is rendered from the results JSON in "
+             f"`{run.get('command', 'python bench/run_all.py')}`"
+             + "".join(f" (continued after a stop by `{c}`)" for c in run.get("continued", []))
+             + ", and is rendered from the results JSON in "
              "`bench/results/` (each carries the same machine block and the command that made it). Regenerate "
              "everything with `python bench/run_all.py` (about 1.5 hours on 2 cores; `--quick` for a reduced run in "
              "under 30 minutes). Ablations and earlier measurements, each dated with its machine, are in the "
@@ -181,8 +187,8 @@ def render(results: Path, picture: Path | None, picture_link: str) -> str:
         draw(blobs["runtimes"], picture)
         lines += ["", f"![accuracy against batch-1 latency]({picture_link})", "",
                   "Accuracy inside each runtime against batch-1 latency (one thread): the baseline, the three methods "
-                  "and the runtime's own INT8 tool, with the Pareto front ([data](#" + anchor(BY_KEY["runtimes"].heading)
-                  + "))."]
+                  "and the runtime's own INT8 tool, with the Pareto front "
+                  f"([data](#{anchor(BY_KEY['runtimes'].heading)}))."]
     for key, blob in blobs.items():
         s = BY_KEY[key]
         module = importlib.import_module(s.script)
@@ -251,7 +257,7 @@ def draw(blob: dict, path: Path) -> Path:
 def run_section(s: Section, size: str, runs: Path, results: Path, log_dir: Path) -> dict:
     log = log_dir / f"{s.key}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    args = [sys.executable, str(BENCH / f"{s.script}.py"), *s.args(size, runs)]
+    args = [sys.executable, str(BENCH / f"{s.script}.py"), *s.args(size, runs, results)]
     start = time.time()
     with log.open("w") as fh:
         fh.write("$ " + " ".join(args) + "\n")
@@ -282,8 +288,8 @@ def main() -> int:
         results.mkdir(parents=True, exist_ok=True)
         state = {"command": " ".join(["python bench/run_all.py", *sys.argv[1:]]), "size": size, "sections": {}}
         if args.only and (results / "run_all.json").exists():  # a partial re-run keeps the other sections' record
-            state = {**json.loads((results / "run_all.json").read_text()), "sections": state["sections"]} | {
-                "sections": json.loads((results / "run_all.json").read_text()).get("sections", {})}
+            previous = json.loads((results / "run_all.json").read_text())
+            state = {**previous, "continued": [*previous.get("continued", []), state["command"]]}
         for s in [BY_KEY[k] for k in args.only] if args.only else SECTIONS:
             print(f"{s.key}: running {s.script}.py", flush=True)
             state["sections"][s.key] = outcome = run_section(s, size, runs, results, runs / "logs")

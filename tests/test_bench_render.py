@@ -75,11 +75,10 @@ def test_results_without_a_machine_block_are_refused(recorded):
 
 
 @pytest.mark.parametrize("size", ["full", "quick"])
-def test_every_section_runs_its_own_script_with_arguments_it_accepts(size, tmp_path, monkeypatch):
+def test_every_section_runs_its_own_script_with_arguments_it_accepts(size, tmp_path):
     """Each section's arguments at each size parse with its script's own parser (the measurement is not run)."""
-    monkeypatch.setenv("HPQDEPLOY_BENCH_RESULTS", str(RESULTS))
     for s in run_all.SECTIONS:
-        args = s.args(size, tmp_path)
+        args = s.args(size, tmp_path, RESULTS)
         assert (ROOT / "bench" / f"{s.script}.py").exists()
         run = subprocess.run([sys.executable, str(ROOT / "bench" / f"{s.script}.py"), *args, "--parse-only"],
                              capture_output=True, text=True, cwd=ROOT, timeout=120)
