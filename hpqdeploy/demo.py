@@ -68,3 +68,12 @@ def run_demo(output: Path, epochs: int = 3, quiet: bool = False) -> tuple[list[d
         d = output / "baseline" if method == "baseline" else output / "compress" / method
         results.append(json.loads((d / "metrics.json").read_text()))
     return results, summary
+
+
+def runtime_comparison(summary: dict) -> list[dict]:
+    """The report's rows for what the demo's finished steps wrote: per model, its exports per runtime with their
+    profiles (as report.json holds them)."""
+    from hpqdeploy.reporting import comparison
+
+    dirs = [Path(r["output"]) for name, r in summary["steps"].items() if r["status"] != "skipped" and name != "report"]
+    return comparison(dirs)["models"]

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from hpqdeploy import config, settings
 from hpqdeploy.cli.app import app
-from hpqdeploy.cli.options import build, with_settings
+from hpqdeploy.cli.options import FLAG_NAMES, build, with_settings
 from hpqdeploy.experiment import schema
 from hpqdeploy.settings import SettingError, setting
 
@@ -55,7 +55,7 @@ def _out_of_bounds(spec: settings.Spec):
 def test_every_command_line_option_is_a_declared_setting_with_its_default_and_help(command):
     options = _options(command)
     declared = _declared(COMMANDS[command])
-    own = {"model", "baseline", "source", "config", "output", "resume", "as_json", "quiet"}
+    own = {"model", "baseline", "source", "config", "output", "resume", *FLAG_NAMES}
     for name, opt in options.items():
         if name in own:
             continue

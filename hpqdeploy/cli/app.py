@@ -16,7 +16,8 @@ from rich.markup import escape
 from typer._click.exceptions import ClickException
 
 from hpqdeploy import settings
-from hpqdeploy.cli.options import build, with_settings
+from hpqdeploy.cli.library_output import held_back
+from hpqdeploy.cli.options import Flags, build, with_settings
 from hpqdeploy.config import (CompressOptions, ComputeOptions, DataOptions, ExportOptions, ModelOptions, ProfileOptions,
                               TrainConfig)
 from hpqdeploy.errors import UserError
@@ -32,13 +33,21 @@ def _command() -> str:
     return shlex.join(["hpqdeploy", *sys.argv[1:]])
 
 
-def _emit(result, as_json: bool, table=None) -> None:
+def _emit(result, flags: Flags, *tables) -> None:
+    """The command's result, after its work: one JSON document, or its tables (nothing with --quiet)."""
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the job
         return
-    if as_json:
+    if flags.as_json:
         typer.echo(json.dumps(result, indent=2))
-    elif table is not None:
-        out_console.print(table)
+    elif not flags.quiet:
+        for table in tables:
+            out_console.print(table)
+
+
+def _note(text: str, flags: Flags) -> None:
+    """A line for people on stderr (where a file was written), unless --json or --quiet."""
+    if not (flags.as_json or flags.quiet) and os.environ.get("RANK", "0") == "0":
+        console.print(escape(text), highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -48,19 +57,20 @@ def train(
     model: str = typer.Argument(..., help=settings.specs(ModelOptions)["model"][1].help),
     output: Path = typer.Option(..., "-o", "--output", help="output directory"),
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted run from its last epoch"),
-    as_json: bool = typer.Option(False, "--json"),
-    quiet: bool = typer.Option(False, "--quiet"),
+    flags: Flags = Flags(),
     **options,
 ):
     """Step 1: train or fine-tune a baseline and record its accuracy, parameters, MACs and bytes."""
     from hpqdeploy.cli.tables import comparison_table
-    from hpqdeploy.pipeline import run_train
 
     cfg, data = build(TrainConfig, options), build(DataOptions, options)
     m = build(ModelOptions, options, model=model)
-    metrics = run_train(model, data, output, cfg, Path(m.weights) if m.weights else None, m.max_length, quiet,
-                        resume, _command(), m.scratch, m.dropout, build(ComputeOptions, options))
-    _emit(metrics, as_json, comparison_table([metrics], f"baseline → {output}"))
+    with held_back(flags.verbose, flags.as_json):
+        from hpqdeploy.pipeline import run_train
+
+        metrics = run_train(model, data, output, cfg, Path(m.weights) if m.weights else None, m.max_length,
+                            flags.quiet, resume, _command(), m.scratch, m.dropout, build(ComputeOptions, options))
+    _emit(metrics, flags, comparison_table([metrics], f"baseline → {output}"))
 
 
 @app.command()
@@ -69,21 +79,23 @@ def compress(
     baseline: Path = typer.Argument(..., help="a `hpqdeploy train` output directory"),
     output: Path = typer.Option(..., "-o", "--output"),
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted run from its last epoch"),
-    as_json: bool = typer.Option(False, "--json"),
-    quiet: bool = typer.Option(False, "--quiet"),
+    flags: Flags = Flags(),
     **options,
 ):
     """Prune, allocate bits, fine-tune once and evaluate (or either half alone)."""
-    from hpqdeploy import artifact
     from hpqdeploy.cli.tables import comparison_table
-    from hpqdeploy.pipeline import run_compress
 
     opts = build(CompressOptions, options, train=build(TrainConfig, options))  # the settings first, then files
     given = {k: options[k] for k in ("data_dir", "train_limit", "eval_limit") if options[k] is not None}
     data = build(DataOptions, {}, **{**_baseline_data(baseline), **given})
-    metrics = run_compress(baseline, output, opts, data, quiet, resume, _command(), build(ComputeOptions, options))
-    base = artifact.load(baseline).metrics
-    _emit(metrics, as_json, comparison_table([base, metrics], f"{opts.method} → {output}"))
+    with held_back(flags.verbose, flags.as_json):
+        from hpqdeploy import artifact
+        from hpqdeploy.pipeline import run_compress
+
+        metrics = run_compress(baseline, output, opts, data, flags.quiet, resume, _command(),
+                               build(ComputeOptions, options))
+        base = artifact.load(baseline).metrics
+    _emit(metrics, flags, comparison_table([base, metrics], f"{opts.method} → {output}"))
 
 
 @app.command()
@@ -91,16 +103,18 @@ def compress(
 def export(
     source: Path = typer.Argument(..., help="a `hpqdeploy compress` (or `train`) output directory"),
     output: Path = typer.Option(..., "-o", "--output"),
-    as_json: bool = typer.Option(False, "--json"),
-    quiet: bool = typer.Option(False, "--quiet"),
+    flags: Flags = Flags(),
     **options,
 ):
     """Lower to a runtime's native artifact, evaluate it inside the runtime, write export.json."""
     from hpqdeploy.cli.tables import export_table
-    from hpqdeploy.lower.export import run_export
 
-    report = run_export(source, output, build(ExportOptions, options), quiet, _command())
-    _emit(report, as_json, export_table(report))
+    opts = build(ExportOptions, options)
+    with held_back(flags.verbose, flags.as_json):
+        from hpqdeploy.lower.export import run_export
+
+        report = run_export(source, output, opts, flags.quiet, _command())
+    _emit(report, flags, export_table(report))
 
 
 @app.command()
@@ -108,35 +122,37 @@ def export(
 def profile(
     source: Path = typer.Argument(..., help="a `hpqdeploy export` output directory"),
     output: Path = typer.Option(..., "-o", "--output", help="directory for profile.json"),
-    as_json: bool = typer.Option(False, "--json"),
+    flags: Flags = Flags(),
     **options,
 ):
     """Latency percentiles, throughput, memory and energy of an exported artifact on a device."""
     from hpqdeploy.cli.tables import profile_table
-    from hpqdeploy.device.profile import run_profile
 
-    result = run_profile(source, output, build(ProfileOptions, options), command=_command())
-    if as_json:
+    opts = build(ProfileOptions, options)
+    with held_back(flags.verbose, flags.as_json):
+        from hpqdeploy.device.profile import run_profile
+
+        result = run_profile(source, output, opts, command=_command())
+    if flags.as_json:
         result = {k: v for k, v in result.items() if k != "repeats"}
-    _emit(result, as_json, profile_table(result))
+    _emit(result, flags, profile_table(result))
 
 
 @app.command()
+@with_settings()
 def report(
     dirs: list[Path] = typer.Argument(..., help="compress/train, export and profile output directories (or parents)"),
     output: Path = typer.Option(..., "-o", "--output"),
     html: bool = typer.Option(False, "--html", help="also one self-contained report.html"),
-    as_json: bool = typer.Option(False, "--json"),
+    flags: Flags = Flags(),
 ):
     """The comparison table (per method and runtime) and the pictures: accuracy vs bytes and vs latency, per-layer
     plan."""
-    from hpqdeploy.reporting import run_report
+    with held_back(flags.verbose, flags.as_json):
+        from hpqdeploy.reporting import run_report
 
-    result = run_report(dirs, output, html)
-    if as_json:
-        _emit(result, True)
-    else:
-        out_console.print(f"wrote {output}/report.md" + (f" and {output}/report.html" if html else ""))
+        result = run_report(dirs, output, html)
+    _emit(result, flags, escape(f"wrote {output}/report.md" + (f" and {output}/report.html" if html else "")))
 
 
 @app.command()
@@ -144,39 +160,43 @@ def report(
 def experiment(
     config: Path = typer.Argument(..., help="an experiment TOML (see experiments/)"),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="default: [experiment] out"),
-    as_json: bool = typer.Option(False, "--json"),
-    quiet: bool = typer.Option(False, "--quiet"),
+    flags: Flags = Flags(),
     **options,
 ):
     """The plan from one file: baseline, methods, exports, profiles, report; finished steps are skipped on a re-run."""
     from hpqdeploy.experiment import run_experiment, summary_table
 
-    summary = run_experiment(config, output, quiet, _command(), build(ComputeOptions, options))
-    _emit(summary, as_json, summary_table(summary))
+    compute = build(ComputeOptions, options)
+    with held_back(flags.verbose, flags.as_json):
+        summary = run_experiment(config, output, flags.quiet, _command(), compute)
+    _emit(summary, flags, summary_table(summary))
 
 
 @app.command()
+@with_settings()
 def demo(
     output: Path = typer.Option(Path("runs/demo"), "-o", "--output"),
     epochs: int = typer.Option(3, "--epochs", help="fine-tuning epochs per method (the baseline trains 4x as many)"),
-    as_json: bool = typer.Option(False, "--json"),
-    quiet: bool = typer.Option(False, "--quiet"),
+    flags: Flags = Flags(),
 ):
     """The embedded default end to end: ResNet-20 on scikit-learn's digits, baseline, the three methods, export to
-    the installed runtimes, profile on this CPU, report. Re-run to continue an interrupted demo."""
-    from hpqdeploy.cli.tables import comparison_table
-    from hpqdeploy.demo import run_demo
+    the installed runtimes, profile on this CPU, report; last, the table per runtime. Re-run to continue an
+    interrupted demo."""
+    from hpqdeploy.cli.tables import comparison_table, runtime_tables
     from hpqdeploy.experiment.run import summary_table
 
-    results, summary = run_demo(output, epochs, quiet)
-    if as_json:
-        _emit(results, True, None)
-        return
-    console.print(summary_table(summary))
-    _emit(results, False, comparison_table(results, f"digits / resnet20, {epochs} epochs per method → {output}"))
+    with held_back(flags.verbose, flags.as_json):
+        from hpqdeploy.demo import run_demo, runtime_comparison
+
+        results, summary = run_demo(output, epochs, flags.quiet)
+        runtimes = runtime_comparison(summary)
+    if not (flags.as_json or flags.quiet):
+        console.print(summary_table(summary))
     report = Path(summary["out"]) / "report" / "report.md"
     if report.exists():
-        console.print(f"report: {report} (and report.html beside it)")
+        _note(f"report: {report} (and report.html beside it)", flags)
+    _emit(results, flags, comparison_table(results, f"digits / resnet20, {epochs} epochs per method in PyTorch"),
+          *runtime_tables(runtimes))
 
 
 def _baseline_data(baseline: Path) -> dict:

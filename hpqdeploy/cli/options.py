@@ -1,17 +1,35 @@
 """Command-line options made from the settings' declarations (`hpqdeploy.config`): a command lists the
-configuration classes it takes and gets one `--option` per setting, with the declared default and help text."""
+configuration classes it takes and gets one `--option` per setting, with the declared default and help text, and
+the flags every command takes (`Flags`: --json, --quiet, --verbose)."""
 
 from __future__ import annotations
 
 import functools
 import inspect
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Optional
 
 import typer
 
 from hpqdeploy import settings
 
-FLAGS_LAST = ("resume", "as_json", "quiet", "verbose")  # the command's own flags stay at the end of --help
+
+def _flag(option: str, text: str):
+    return field(default=False, metadata={"option": option, "help": text})
+
+
+@dataclass(frozen=True)
+class Flags:
+    """How a command speaks: the flags every command takes, with the same meaning everywhere."""
+
+    as_json: bool = _flag("--json", "print the result as one JSON document on stdout, and nothing else there")
+    quiet: bool = _flag("--quiet", "no progress and no tables: only errors")
+    verbose: bool = _flag("--verbose", "also show what the runtimes and other libraries print (held back otherwise, "
+                                       "and shown when a step fails)")
+
+
+FLAG_NAMES = tuple(f.name for f in fields(Flags))
+FLAGS_LAST = ("resume", *FLAG_NAMES)  # the command's own flags stay at the end of --help
 
 
 def _annotation(hint) -> Any:
@@ -31,12 +49,22 @@ def option_fields(*groups: type, exclude: tuple[str, ...] = ()) -> dict[str, tup
     return out
 
 
+def _flag_parameters(taken: set[str]) -> list[inspect.Parameter]:
+    return [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                              default=typer.Option(False, f.metadata["option"], help=f.metadata["help"]))
+            for f in fields(Flags) if f.name not in taken]
+
+
 def with_settings(*groups: type, exclude: tuple[str, ...] = (), required: tuple[str, ...] = ()):
     """Give a Typer command one option per setting of `groups` (except `exclude`); the command receives them as
-    keyword arguments (use `build`). `required` settings have no default on the command line."""
+    keyword arguments (use `build`). `required` settings have no default on the command line.
+
+    Every command also gets the shared flags (`Flags`): a command with a `flags` parameter receives them as one
+    `Flags`, any other as keyword arguments."""
     def decorate(fn: Callable) -> Callable:
         sig = inspect.signature(fn)
-        own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+        bundled = "flags" in sig.parameters
+        own = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD and p.name != "flags"]
         taken = {p.name for p in own}
         added = []
         for name, (cls, f, spec) in option_fields(*groups, exclude=exclude).items():
@@ -52,11 +80,14 @@ def with_settings(*groups: type, exclude: tuple[str, ...] = (), required: tuple[
                                            annotation=_annotation(hint)))
         first = [p for p in own if p.name not in FLAGS_LAST]
         last = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in own if p.name in FLAGS_LAST]
+        last += _flag_parameters(taken)
         first = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
                  else p for p in first]
 
         @functools.wraps(fn)
         def command(**kwargs):
+            if bundled:
+                kwargs["flags"] = Flags(**{name: kwargs.pop(name) for name in FLAG_NAMES})
             return fn(**kwargs)
 
         command.__signature__ = sig.replace(parameters=[*first, *added, *last])

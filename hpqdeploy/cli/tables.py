@@ -1,8 +1,10 @@
-"""Tables the CLI prints: the method comparison (also as markdown for the benchmarks), an export, a profile."""
+"""Tables the CLI prints: the method comparison (also as markdown for the benchmarks), an export, a profile, and
+the report's tables (per runtime) as they are in report.md."""
 
 from __future__ import annotations
 
 from rich.table import Table
+from rich.text import Text
 
 COLUMNS = ("method", "accuracy", "Δacc (pt)", "params", "MACs", "weight bytes", "vs fp32", "low-bit share")
 
@@ -67,3 +69,23 @@ def profile_table(result: dict) -> Table:
     if joules is None:
         table.caption = f"power: {energy['reason']}"
     return table
+
+
+def report_table(table, title: str = "", sections: bool = False) -> Table:
+    """One of the report's text tables (`hpqdeploy.reporting.tables.Table`) for the terminal, its notes below it;
+    with `sections`, a line wherever the first column changes."""
+    out = Table(title=title or None, caption="\n".join(table.notes) or None, caption_justify="left")
+    for i, column in enumerate(table.columns):
+        out.add_column(column, justify="left" if table.is_text(i) else "right")
+    for row, after in zip(table.rows, [*table.rows[1:], None]):
+        out.add_row(*(Text(cell) for cell in row), end_section=sections and after is not None and after[0] != row[0])
+    return out
+
+
+def runtime_tables(models: list[dict]) -> list[Table]:
+    """Per model (as report.json holds it): one table, a row per runtime and method, with the accuracy measured
+    inside the runtime, the bytes on disk and the latency from the profiles."""
+    from hpqdeploy.reporting.tables import runtime_overview
+
+    return [report_table(runtime_overview(m["runtimes"]), f"{m['label']}, per runtime", sections=True)
+            for m in models if m["runtimes"]]

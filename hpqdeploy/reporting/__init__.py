@@ -37,7 +37,7 @@ from hpqdeploy.reporting.plots import require_matplotlib
 from hpqdeploy.reporting.render import document, render_html, render_markdown
 from hpqdeploy.reporting.rows import attach_profiles, pytorch_row, runtime_rows
 
-__all__ = ["run_report"]
+__all__ = ["comparison", "run_report"]
 
 FORMAT_VERSION = 1
 
@@ -59,6 +59,12 @@ def _report_data(dirs: list[Path]) -> tuple[dict, list[Group]]:
         "models": models, "warnings": found.warnings + warnings,
     }
     return report, groups
+
+
+def comparison(dirs: list[Path]) -> dict:
+    """What report.json holds for the results under `dirs` (without the plots): per model, the PyTorch rows and the
+    rows per runtime with their profiles."""
+    return _report_data(dirs)[0]
 
 
 def run_report(dirs: list[Path], out: Path, html: bool = False) -> dict:

@@ -102,3 +102,25 @@ def runtime_table(rows: list[dict]) -> Table:
         cells.append(f"{leg['count']}: {leg['summary']}" if leg["count"] else "0")
         body.append(cells)
     return Table(cols, body, [f"[{n}] energy not measured: {reason}" for reason, n in reasons.items()])
+
+
+def runtime_overview(runtimes: dict[str, list[dict]]) -> Table:
+    """All runtimes of one model in one table: a row per runtime and export, with the accuracy measured inside the
+    runtime (and in PyTorch), the artifact's bytes on disk and the median latency per profiled device and batch."""
+    rows = [r for runtime_rows in runtimes.values() for r in runtime_rows]
+    keys = latency_keys(rows)
+    cols = ["runtime", "method", "acc (runtime)", "acc (PyTorch)", "bytes on disk", "vs fp32 weights",
+            *(f"p50 ms {key_label(k, keys)}" for k in keys)]
+    body = []
+    for r in rows:
+        method = r["method"] or "-"
+        if r["run"] != method:
+            method += f" ({r['run']})"
+        if r["variant"]:
+            method += f" [{r['variant']}]"
+        by_key = {profile_key(p): p for p in r["profiles"]}
+        body.append([r["runtime"], method, fmt_pct(r["accuracy_runtime"]), fmt_pct(r["accuracy_pytorch"]),
+                     fmt_bytes(r["bytes_on_disk"]), fmt_ratio(r["compression_vs_fp32"]),
+                     *(fmt_num(by_key[k]["p50_ms"]) if k in by_key else "-" for k in keys)])
+    notes = [] if keys else ["no profile.json for these exports: no latency"]
+    return Table(cols, body, notes, text=("runtime", "method"))

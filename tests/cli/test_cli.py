@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import typer
 from typer.testing import CliRunner
 
 from hpqdeploy import artifact, atomic
@@ -274,3 +275,82 @@ def test_an_out_of_range_low_bit_share_is_refused_before_the_analysis(digits_bas
                        cwd=tmp_path)
     _check_one_line(result.returncode, result.stdout, result.stderr, "--low-bit-share must be in [0, 1], got 2")
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+# ---------------------------------------------------------------- the flags every command takes
+
+COMMANDS = sorted(typer.main.get_command(app).commands)  # from the app itself: a new command is covered too
+BAD_INPUT_OF = {"demo": ["--epochs", "0"]}  # every other command: an input directory (or file) that does not exist
+
+
+def test_the_commands_are_found():
+    assert {"train", "compress", "export", "profile", "report", "experiment", "demo"} <= set(COMMANDS)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_takes_json_quiet_and_verbose(command):
+    click_command = typer.main.get_command(app).commands[command]
+    options = {opt for param in click_command.params for opt in getattr(param, "opts", [])}
+    assert {"--json", "--quiet", "--verbose"} <= options
+    result = runner.invoke(app, [command, "--json", "--quiet", "--verbose", "--help"])  # an unknown flag: exit 2
+    assert result.exit_code == 0, result.output
+    for flag in ("--json", "--quiet", "--verbose"):
+        assert flag in result.stdout
+
+
+@pytest.mark.parametrize("flags", [["--json"], ["--quiet"], ["--verbose"], ["--json", "--quiet", "--verbose"]])
+@pytest.mark.parametrize("command", COMMANDS)
+def test_bad_input_is_one_line_whatever_the_flags(command, flags, tmp_path, monkeypatch, capsys):
+    """With --json nothing reaches stdout but the document, so a failure leaves it empty; the error is one line."""
+    args = BAD_INPUT_OF.get(command, [str(tmp_path / "nowhere"), "-o", str(tmp_path / "out")])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["hpqdeploy", command, *args, *flags])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2 and captured.out == ""
+    (line,) = captured.err.strip().splitlines()
+    assert line.startswith("error: ") and "Traceback" not in captured.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_quiet_prints_no_table_and_json_only_the_document(digits_baseline, tmp_path):
+    for flags, expect in ((["--quiet"], ""), (["--json", "--quiet"], "json"), ([], "table")):
+        out = tmp_path / f"prune{len(flags)}"
+        result = runner.invoke(app, ["compress", str(digits_baseline), "-o", str(out), "--method", "prune",
+                                     "--epochs", "0", *flags])
+        assert result.exit_code == 0, result.output
+        if expect == "json":
+            assert json.loads(result.stdout)["method"] == "prune"
+        elif expect == "table":
+            assert "prune → " in result.stdout and "Δacc (pt)" in result.stdout
+        else:
+            assert result.stdout == ""
+
+
+def test_the_table_per_runtime_has_a_row_per_runtime_and_method():
+    """What the demo ends with: from the report's rows, accuracy in the runtime, bytes on disk, latency at batch 1;
+    a value no result file holds is "-"."""
+    from rich.console import Console
+
+    from hpqdeploy.cli.tables import runtime_tables
+
+    def row(runtime, method, acc, size, p50):
+        profiles = [] if p50 is None else [{"device": "x86", "batch": 1, "threads": 1, "p50_ms": p50}]
+        return {"runtime": runtime, "method": method, "run": method, "variant": "", "accuracy_runtime": acc,
+                "accuracy_pytorch": 0.9, "bytes_on_disk": size, "compression_vs_fp32": 4.0, "profiles": profiles}
+
+    model = {"label": "resnet20 on digits", "runtimes": {
+        "onnxruntime": [row("onnxruntime", "baseline", 0.91, 1_000_000, 0.25), row("onnxruntime", "hybrid", 0.9,
+                                                                                    250_000, 0.125)],
+        "executorch": [row("executorch", "hybrid", 0.89, 300_000, None)]}}
+    console = Console(width=200, record=True)
+    for table in runtime_tables([model, {"label": "nothing exported", "runtimes": {}}]):
+        console.print(table)
+    text = console.export_text()
+    assert "resnet20 on digits, per runtime" in text and "nothing exported" not in text
+    assert "p50 ms x86 b1" in text and "acc (runtime)" in text and "bytes on disk" in text
+    lines = [line for line in text.splitlines() if line.startswith("│")]
+    assert [line.split("│")[1].strip() for line in lines] == ["onnxruntime", "onnxruntime", "executorch"]
+    assert "91.00%" in lines[0] and "0.25" in lines[0] and "1 MB" in lines[0]
+    assert lines[2].rstrip("│ ").endswith("-")  # not profiled
