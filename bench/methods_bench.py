@@ -121,7 +121,8 @@ def judge(model: str, rows: list[dict]) -> list[dict]:
 def markdown(blob: dict) -> str:
     from hpqdeploy.cli.tables import comparison_markdown
 
-    lines = ["Accuracy on the evaluation split (ResNet-20: CIFAR-10 JPEG test images; MiniLM: the SST-2 dev set), "
+    lines = [f"Made by `{blob['command']}` ({blob['seconds']} s).", "",
+             "Accuracy on the evaluation split (ResNet-20: CIFAR-10 JPEG test images; MiniLM: the SST-2 dev set), "
              "parameters and MACs of the pruned model, weight bytes at the plan's bit widths (scales included) "
              "against the fp32 baseline. The accuracy goals are set for the plan's default budget (10 epochs for "
              "ResNet-20); the budget below is what fits this run, and the gap shrinks with more epochs "

@@ -108,7 +108,7 @@ def main() -> None:
             blob["results"][model] = rows
             blob["commands"][model] = " ".join(["python bench/profile_bench.py", *sys.argv[1:]])
         blob["machine"] = machine()
-    blob["command"] = "; ".join(f"{v}" for v in blob["commands"].values())
+    blob["command"] = "; ".join(dict.fromkeys(blob["commands"].values()))
     publish(out, blob, "profile", "profile on this CPU", markdown(blob))
 
 

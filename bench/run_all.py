@@ -173,11 +173,12 @@ def render(results: Path, picture: Path | None, picture_link: str) -> str:
     lines = ["# Benchmarks", "",
              "Every figure on this page was measured on the one machine below, in one run of "
              f"`{run.get('command', 'python bench/run_all.py')}`"
-             + "".join(f" (continued after a stop by `{c}`)" for c in run.get("continued", []))
+             + "".join(f" (continued after a stop by `{c}`)" for c in dict.fromkeys(run.get("continued", [])))
              + ", and is rendered from the results JSON in "
              "`bench/results/` (each carries the same machine block and the command that made it). Regenerate "
-             "everything with `python bench/run_all.py` (about 1.5 hours on 2 cores; `--quick` for a reduced run in "
-             "under 30 minutes). Ablations and earlier measurements, each dated with its machine, are in the "
+             f"everything with `python bench/run_all.py` ({total_minutes(run)} minutes in this run; `--quick` for a "
+             "reduced run sized to fit 30 minutes, written under bench/runs/quick). Ablations and earlier "
+             "measurements, each dated with its machine, are in the "
              "[results log](docs/results-log.md).", "",
              f"**{machine_markdown(m)}**", "", "## Goals at a glance", "", "| section | goals met |", "|---|---|"]
     for key in blobs:
@@ -192,11 +193,16 @@ def render(results: Path, picture: Path | None, picture_link: str) -> str:
     for key, blob in blobs.items():
         s = BY_KEY[key]
         module = importlib.import_module(s.script)
-        seconds = run.get("sections", {}).get(key, {}).get("seconds", blob.get("seconds"))
+        record = run.get("sections", {}).get(key, {})
+        seconds = record.get("seconds", blob.get("seconds"))
+        load = (f"; 1-minute load average {record['load'][0]} at the start, {record['load'][1]} at the end, on "
+                f"{m['cores']} cores" if record.get("load") else "")
         lines += ["", f"## {s.heading}", "", f"Goal: {s.goal}.", "", "| goal | measured | met |", "|---|---|---|"]
         lines += [f"| {g['goal']} | {g['value']} | {'yes' if g['met'] else '**no**'} |" for g in judged[key]]
-        lines += ["", f"Made by `{blob.get('command', '')}`" + (f" ({round(seconds)} s)." if seconds else "."), "",
-                  module.markdown(blob).rstrip()]
+        own = [line for line in module.markdown(blob).rstrip().splitlines() if not line.startswith("Machine: ")]
+        if seconds:
+            lines += ["", f"Wall time {round(seconds)} s{load}."]
+        lines += ["", "\n".join(own).strip()]
     return "\n".join(lines) + "\n"
 
 
@@ -205,9 +211,14 @@ def headline(results: Path) -> str:
     m, blobs = load_results(results)
     section = BY_KEY["runtimes"]
     link = f"BENCHMARKS.md#{anchor(section.heading)}"
+    run = json.loads((results / "run_all.json").read_text()) if (results / "run_all.json").exists() else {}
+    load = run.get("sections", {}).get("runtimes", {}).get("load")
+    busy = (f" The 1-minute load average was {load[0]} to {load[1]} while it ran: another job shared the cores, so "
+            "absolute times are higher than on an idle machine; every row was timed round-robin in one process, so "
+            "the rows compare fairly." if load and max(load) > 1.2 else "")
     lines = [f"Measured by `python bench/run_all.py` on {m['cpu']} ({', '.join(m['isa'])}), {m['cores']} cores, one "
              f"thread per runtime, {m['date']}; every figure from [{section.heading}]({link}), where the budgets, "
-             "the quantization-only and pruning-only rows and the goals are.", "",
+             f"the quantization-only and pruning-only rows and the goals are.{busy}", "",
              "| model | runtime | model as | accuracy in the runtime | bytes | batch 1 ms | batch 32 ms |",
              "|---|---|---|---|---|---|---|"]
     for model, res in blobs["runtimes"]["results"].items():
@@ -227,6 +238,10 @@ def replace_block(text: str, name: str, block: str) -> str:
         raise ValueError(f"no {begin} ... {end} block")
     head, _, rest = text.partition(begin)
     return f"{head}{begin}\n{block}\n{end}{rest.partition(end)[2]}"
+
+
+def total_minutes(run: dict) -> int:
+    return round(sum(r.get("seconds", 0) for r in run.get("sections", {}).values()) / 60)
 
 
 def anchor(heading: str) -> str:
@@ -250,6 +265,7 @@ def draw(blob: dict, path: Path) -> Path:
             by_runtime.setdefault(r["runtime"], []).append(Point(r["b1_p50_ms"], r["accuracy"], label, r["runtime"],
                                                                  method))
         panels += [(f"{model} on {rt}", points) for rt, points in by_runtime.items()]
+    path.parent.mkdir(parents=True, exist_ok=True)
     return plot_tradeoff(panels, path, "Accuracy against batch-1 latency, one thread", "batch-1 latency (ms)",
                          x_format="ms")
 
@@ -258,13 +274,15 @@ def run_section(s: Section, size: str, runs: Path, results: Path, log_dir: Path)
     log = log_dir / f"{s.key}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     args = [sys.executable, str(BENCH / f"{s.script}.py"), *s.args(size, runs, results)]
-    start = time.time()
+    start, load = time.time(), os.getloadavg()[0]
     with log.open("w") as fh:
         fh.write("$ " + " ".join(args) + "\n")
         fh.flush()
         rc = subprocess.run(args, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT,
                             env={**os.environ, **PINNED, "HPQDEPLOY_BENCH_RESULTS": str(results)}).returncode
-    return {"rc": rc, "seconds": round(time.time() - start), "log": str(log)}
+    # the 1-minute load average when the section started and ended: on 2 cores, above 1 means something else ran
+    return {"rc": rc, "seconds": round(time.time() - start), "load": [round(load, 2), round(os.getloadavg()[0], 2)],
+            "log": str(log.relative_to(ROOT) if log.is_relative_to(ROOT) else log)}
 
 
 def main() -> int:
