@@ -49,6 +49,9 @@ class _HeldBack(FileProxy):
     def write(self, text: str) -> int:
         return self._target.write(text)
 
+    def close(self) -> None:
+        """Leaves the stream open: it is not the proxy's to close (io's finalizer calls close() on collection)."""
+
     def flush(self) -> None:
         self._target.flush()
 
