@@ -88,18 +88,7 @@ def test_a_failure_replays_what_was_held_back_before_the_error():
 # ------------------------------------------------------------------ a real runtime: ExecuTorch's export step
 
 
-@pytest.fixture(scope="module")
-def tiny_baseline(tmp_path_factory) -> Path:
-    from hpqdeploy.config import DataOptions, TrainConfig
-    from hpqdeploy.pipeline import run_train
-
-    out = tmp_path_factory.mktemp("noise") / "baseline"
-    run_train("resnet8", DataOptions("digits", calib_size=16, train_limit=32, eval_limit=16), out,
-              TrainConfig(epochs=0, batch_size=16), quiet=True)
-    return out
-
-
-def test_export_prints_no_runtime_log_line_unless_verbose(tiny_baseline, tmp_path):
+def test_export_prints_no_runtime_log_line_unless_verbose(digits_baseline, tmp_path):
     """ExecuTorch prints cpuinfo lines from C++ and torch a pytree log record while exporting; `hpqdeploy export`
     shows them with --verbose only."""
     pytest.importorskip("executorch")
@@ -107,7 +96,7 @@ def test_export_prints_no_runtime_log_line_unless_verbose(tiny_baseline, tmp_pat
 
     def export(*flags: str) -> subprocess.Popen:
         out = tmp_path / ("out" + "".join(flags).replace("-", "_"))
-        return subprocess.Popen([sys.executable, "-m", "hpqdeploy", "export", str(tiny_baseline), "--target",
+        return subprocess.Popen([sys.executable, "-m", "hpqdeploy", "export", str(digits_baseline), "--target",
                                  "executorch", "--eval-limit", "16", "--batch-size", "16", "-o", str(out), *flags],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
 
