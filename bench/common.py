@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -30,12 +31,22 @@ def results_dir() -> Path:
     return Path(os.environ.get("HPQDEPLOY_BENCH_RESULTS") or ROOT / "bench" / "results")
 
 
+def relink(markdown: str, page_dir: Path) -> str:
+    """`markdown` written for a page at the repository root (BENCHMARKS.md), with its relative links made to work
+    from a page in `page_dir`."""
+    def fix(m: re.Match) -> str:
+        target = m.group(1)
+        up = Path(os.path.relpath(ROOT, page_dir)).as_posix()
+        return m.group(0) if up == "." or re.match(r"[a-z]+:|#|/", target) else f"]({up}/{target})"
+    return re.sub(r"\]\(([^)\s]+)\)", fix, markdown)
+
+
 def replace_section(name: str, heading: str, section: str) -> None:
     """A probe's own Markdown, `NAME.md` beside the results. BENCHMARKS.md is not written here: `run_all.py` composes
     it from the results JSON of the sections it runs."""
     out = results_dir() / f"{name}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(f"## {heading}\n\n{section}\n")
+    out.write_text(relink(f"## {heading}\n\n{section}\n", out.parent.resolve()))
 
 
 def publish(path: Path, blob: dict, name: str, heading: str, section: str) -> None:

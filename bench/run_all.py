@@ -173,7 +173,8 @@ def render(results: Path, picture: Path | None, picture_link: str) -> str:
     lines = ["# Benchmarks", "",
              "Every figure on this page was measured on the one machine below, in one run of "
              f"`{run.get('command', 'python bench/run_all.py')}`"
-             + "".join(f" (continued after a stop by `{c}`)" for c in dict.fromkeys(run.get("continued", [])))
+             + "".join(f" (then `{c}` ran the sections it names again)"
+                       for c in dict.fromkeys(run.get("continued", [])))
              + ", and is rendered from the results JSON in "
              "`bench/results/` (each carries the same machine block and the command that made it). Regenerate "
              f"everything with `python bench/run_all.py` ({total_minutes(run)} minutes in this run; `--quick` for a "
@@ -307,7 +308,7 @@ def main() -> int:
         state = {"command": " ".join(["python bench/run_all.py", *sys.argv[1:]]), "size": size, "sections": {}}
         if args.only and (results / "run_all.json").exists():  # a partial re-run keeps the other sections' record
             previous = json.loads((results / "run_all.json").read_text())
-            state = {**previous, "continued": [*previous.get("continued", []), state["command"]]}
+            state = {**previous, "continued": list(dict.fromkeys([*previous.get("continued", []), state["command"]]))}
         for s in [BY_KEY[k] for k in args.only] if args.only else SECTIONS:
             print(f"{s.key}: running {s.script}.py", flush=True)
             state["sections"][s.key] = outcome = run_section(s, size, runs, results, runs / "logs")

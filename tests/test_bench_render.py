@@ -82,3 +82,12 @@ def test_every_section_runs_its_own_script_with_arguments_it_accepts(size, tmp_p
         run = subprocess.run([sys.executable, str(ROOT / "bench" / f"{s.script}.py"), *args, "--parse-only"],
                              capture_output=True, text=True, cwd=ROOT, timeout=120)
         assert run.returncode == 0, (s.key, run.stderr[-2000:])
+
+
+def test_a_results_page_links_where_benchmarks_md_links():
+    from common import relink
+
+    text = "[log](docs/results-log.md), [row](#resnet20), [site](https://example.org), ![p](docs/img/a.png)"
+    assert relink(text, ROOT) == text
+    assert relink(text, ROOT / "bench" / "results") == (
+        "[log](../../docs/results-log.md), [row](#resnet20), [site](https://example.org), ![p](../../docs/img/a.png)")

@@ -1,5 +1,6 @@
-"""Every relative link in the README, BENCHMARKS.md and docs/ points at a file that exists and, with a #fragment, at a
-heading or `<a id>` in it; product documents speak of the product, not of the project's work history."""
+"""Every relative link in the README, BENCHMARKS.md, docs/ and the benchmark results pages points at a file that
+exists and, with a #fragment, at a heading or `<a id>` in it; product documents speak of the product, not of the
+project's work history."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import pytest
 
 from conftest import ROOT
 
-PAGES = [ROOT / "README.md", ROOT / "BENCHMARKS.md", *sorted((ROOT / "docs").rglob("*.md"))]
+PAGES = [ROOT / "README.md", ROOT / "BENCHMARKS.md", *sorted((ROOT / "docs").rglob("*.md")),
+         *sorted((ROOT / "bench" / "results").glob("*.md"))]
 LINK = re.compile(r"\]\(([^)\s]+)\)")
-HISTORY = re.compile(r"\b(\w+(st|nd|rd|th) sessions?|this session|previous session|between sessions|issue #?\d+)\b",
+HISTORY = re.compile(r"\b(\w+(st|nd|rd|th)[ -]sessions?|this session|previous session|between sessions|issue #?\d+)\b",
                      re.IGNORECASE)
 
 
