@@ -11,8 +11,8 @@ Sections, in order (each a script of its own in bench/, writing its results JSON
 
 The CPU-heavy training comes first and the timing sections last. BENCHMARKS.md is written only from results that all
 carry the same machine block (CPU model, ISA flags, cores): a section measured elsewhere is refused, never mixed in.
-The full size is what fits a 2-core machine in about 1.5 hours; `--quick` (under 30 minutes) trains on slices and
-times fewer calls, and writes everything under `--out` (default bench/runs/quick), never over the committed results.
+The full size is what fits a 2-core machine in about 1.5 hours; `--quick` (about 30 minutes: 30.4 on the machine in
+BENCHMARKS.md) trains on slices and times fewer calls, and writes everything under `--out` (default bench/runs/quick), never over the committed results.
 Usage:
 
     .venv/bin/python bench/run_all.py [--quick] [--only SECTION ...] [--runs DIR] [--out DIR] [--render-only]
@@ -178,7 +178,7 @@ def render(results: Path, picture: Path | None, picture_link: str) -> str:
              + ", and is rendered from the results JSON in "
              "`bench/results/` (each carries the same machine block and the command that made it). Regenerate "
              f"everything with `python bench/run_all.py` ({total_minutes(run)} minutes in this run; `--quick` for a "
-             "reduced run sized to fit 30 minutes, written under bench/runs/quick). Ablations and earlier "
+             "reduced run of about 30 minutes, written under bench/runs/quick). Ablations and earlier "
              "measurements, each dated with its machine, are in the "
              "[results log](docs/results-log.md).", "",
              f"**{machine_markdown(m)}**", "", "## Goals at a glance", "", "| section | goals met |", "|---|---|"]
@@ -288,7 +288,7 @@ def run_section(s: Section, size: str, runs: Path, results: Path, log_dir: Path)
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="the reduced size (under 30 minutes on 2 cores)")
+    ap.add_argument("--quick", action="store_true", help="the reduced size (about 30 minutes on 2 cores)")
     ap.add_argument("--only", nargs="+", choices=tuple(BY_KEY), help="run these sections (render all found)")
     ap.add_argument("--runs", type=Path, help="run directories (default: bench/runs/full or bench/runs/quick)")
     ap.add_argument("--out", type=Path, help="results, BENCHMARKS.md and the picture (default: the repository's "
