@@ -12,7 +12,8 @@ Sections, in order (each a script of its own in bench/, writing its results JSON
 The CPU-heavy training comes first and the timing sections last. BENCHMARKS.md is written only from results that all
 carry the same machine block (CPU model, ISA flags, cores): a section measured elsewhere is refused, never mixed in.
 The full size is what fits a 2-core machine in about 1.5 hours; `--quick` (about 30 minutes: 30.4 on the machine in
-BENCHMARKS.md) trains on slices and times fewer calls, and writes everything under `--out` (default bench/runs/quick), never over the committed results.
+BENCHMARKS.md) trains on slices and times fewer calls, and writes everything under `--out` (default
+bench/runs/quick), never over the committed results.
 Usage:
 
     .venv/bin/python bench/run_all.py [--quick] [--only SECTION ...] [--runs DIR] [--out DIR] [--render-only]
