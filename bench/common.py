@@ -34,10 +34,12 @@ def results_dir() -> Path:
 def relink(markdown: str, page_dir: Path) -> str:
     """`markdown` written for a page at the repository root (BENCHMARKS.md), with its relative links made to work
     from a page in `page_dir`."""
+    up = Path(os.path.relpath(ROOT, page_dir)).as_posix()
+    if up == ".":
+        return markdown
+
     def fix(m: re.Match) -> str:
-        target = m.group(1)
-        up = Path(os.path.relpath(ROOT, page_dir)).as_posix()
-        return m.group(0) if up == "." or re.match(r"[a-z]+:|#|/", target) else f"]({up}/{target})"
+        return m.group(0) if re.match(r"[a-z]+:|#|/", m.group(1)) else f"]({up}/{m.group(1)})"
     return re.sub(r"\]\(([^)\s]+)\)", fix, markdown)
 
 
