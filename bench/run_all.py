@@ -129,7 +129,8 @@ SECTIONS = (
     Section("training", "Training throughput per compute setting", "train_throughput_bench", "train_throughput.json",
             "how fast fine-tuning runs per compute setting on this CPU, and whether the fastest keeps the accuracy",
             lambda size, runs, results: ["--runs", str(runs / "train-throughput"),
-                                *(["--images", "512", "--text", "128", "--repeats", "1", "--epochs", "1"]
+                                *(["--images", "512", "--text", "128", "--repeats", "1", "--epochs", "1",
+                                   "--finetune-limit", "4096"]
                                   if size == QUICK else [])],
             _training_goals),
 )
