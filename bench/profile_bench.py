@@ -2,8 +2,9 @@
 
 Profiles the baseline and hybrid exports of ResNet-20/CIFAR-10 and MiniLM/SST-2 (written by `export_bench.py`) for
 ONNX Runtime, OpenVINO and ExecuTorch, at batch 1 and a larger batch, one CLI process per profile, one after the
-other, every runtime pinned to one thread, three repeats each. Writes bench/results/profile.json and the table in
-BENCHMARKS.md. Usage:
+other, every runtime pinned to one thread, three repeats each; every repeat warms up for `--warmup-seconds` and
+times at least `--min-seconds` (a 0.2 ms call needs both: a repeat of 300 calls is 60 ms). Writes
+bench/results/profile.json and the table in BENCHMARKS.md. Usage:
 
     .venv/bin/python bench/profile_bench.py [--only resnet20|minilm] [--runs DIR] [--render-only]
 """
@@ -25,7 +26,8 @@ PLAN = {"resnet20": [(1, 300), (32, 40)], "minilm": [(1, 60), (32, 8)]}
 REPEATS = 3
 
 
-def profile(runs: Path, model: str, source: str, runtime: str, batch: int, iters: int) -> dict | None:
+def profile(runs: Path, model: str, source: str, runtime: str, batch: int, iters: int, warmup_seconds: float,
+            min_seconds: float) -> dict | None:
     """One `hpqdeploy profile` of an export under `runs` (kept there, so a re-run reuses it)."""
     export_dir = runs / "export" / model / f"{source}-{runtime}"
     out = runs / "profile" / model / f"{source}-{runtime}-b{batch}"
@@ -34,7 +36,8 @@ def profile(runs: Path, model: str, source: str, runtime: str, batch: int, iters
             print(f"missing export {export_dir}: run bench/export_bench.py first")
             return None
         args = ["profile", str(export_dir), "-o", str(out), "--device", "x86", "--batch-size", str(batch),
-                "--iters", str(iters), "--repeats", str(REPEATS), "--threads", "1", "--warmup", "10"]
+                "--iters", str(iters), "--repeats", str(REPEATS), "--threads", "1", "--warmup", "10",
+                "--warmup-seconds", str(warmup_seconds), "--min-seconds", str(min_seconds)]
         log = runs / "logs" / f"profile-{model}-{source}-{runtime}-b{batch}.log"
         if run_cli(args, log, quiet=False):
             print(f"profile failed: {log}")
@@ -58,7 +61,9 @@ def row(model: str, source: str, runtime: str, r: dict) -> dict:
 
 def markdown(blob: dict) -> str:
     lines = [f"Made by `{blob['command']}`: one `hpqdeploy profile --device x86` process per row, run one after the "
-             f"other, 1 thread, {REPEATS} repeats of the stated calls after 10 warm-up calls; p50 spread = (max - "
+             f"other, 1 thread, {REPEATS} repeats, each of at least the stated calls and "
+             f"{blob.get('min_seconds', 0):g} s after 10 warm-up calls and at least "
+             f"{blob.get('warmup_seconds', 0):g} s of warm-up; p50 spread = (max - "
              "min) / median of the three repeats' p50. Peak RSS is the whole profiling process (Python, torch and the "
              "runtime included: the CLI loads the source artifact for example inputs), read from VmHWM after a reset "
              "at load, so compare it between rows, not with a device's free memory.", ""]
@@ -89,6 +94,8 @@ def main() -> None:
     ap.add_argument("--runs", type=Path, default=ROOT / "bench" / "runs", help="where export_bench.py wrote")
     ap.add_argument("--render-only", action="store_true")
     ap.add_argument("--iters-factor", type=float, default=1.0, help="scale every row's timed calls (a smaller run)")
+    ap.add_argument("--warmup-seconds", type=float, default=1.0, help="warm-up of every repeat, at least")
+    ap.add_argument("--min-seconds", type=float, default=1.0, help="timed part of every repeat, at least")
     ap.add_argument("--parse-only", action="store_true", help=argparse.SUPPRESS)  # run_all's tests
     args = ap.parse_args()
     if args.parse_only:
@@ -102,12 +109,14 @@ def main() -> None:
                 for source in SOURCES:
                     for rt in RUNTIMES:
                         n = max(2, round(iters * args.iters_factor))
-                        r = profile(args.runs.resolve(), model, source, rt, batch, n)
+                        r = profile(args.runs.resolve(), model, source, rt, batch, n, args.warmup_seconds,
+                                    args.min_seconds)
                         if r is not None:
                             rows.append(row(model, source, rt, r))
             blob["results"][model] = rows
             blob["commands"][model] = " ".join(["python bench/profile_bench.py", *sys.argv[1:]])
         blob["machine"] = machine()
+        blob["warmup_seconds"], blob["min_seconds"] = args.warmup_seconds, args.min_seconds
     blob["command"] = "; ".join(dict.fromkeys(blob["commands"].values()))
     publish(out, blob, "profile", "profile on this CPU", markdown(blob))
 

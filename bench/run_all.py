@@ -121,7 +121,8 @@ SECTIONS = (
     Section("profile", "Profile on this CPU", "profile_bench", "profile.json",
             "latency percentiles, throughput and memory of the baseline and hybrid exports as `hpqdeploy profile` "
             "reports them, and whether repeats agree",
-            lambda size, runs, results: ["--runs", str(runs), *(["--iters-factor", "0.25"] if size == QUICK else [])],
+            lambda size, runs, results: ["--runs", str(runs), *(["--iters-factor", "0.25", "--warmup-seconds", "0",
+                                                                  "--min-seconds", "0"] if size == QUICK else [])],
             _profile_goals),
     Section("widths", "Channel widths the runtimes run fast", "width_bench", "width.json",
             "which channel counts each runtime's kernels run fast on this CPU, the multiple pruning rounds to",

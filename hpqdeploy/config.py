@@ -187,6 +187,7 @@ class ProfileOptions:
     batch_size: int = setting(1, "batch size", ge=1, surfaces=("cli",))
     threads: int = setting(1, "runtime threads", ge=1)
     warmup: int = setting(20, "untimed calls before timing", ge=0)
+    warmup_seconds: float = setting(0.5, "and warm up at least this long", ge=0)
     iters: int = setting(200, "timed calls per repeat", ge=1)
     min_seconds: float = setting(0.0, "and at least this long per repeat", ge=0)
     repeats: int = setting(3, "repeats", ge=1)

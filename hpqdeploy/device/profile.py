@@ -226,7 +226,8 @@ def run_profile(export_dir: Path, out: Path, opts: ProfileOptions, command: str 
     runners = _candidate_runners(profile, meta["runtime"], opts.runner, opts.serial)
     atomic.check_output(out)
     inputs = example_batch(meta, opts.batch_size, opts.data_dir)
-    settings = RunSettings(opts.batch_size, opts.threads, opts.warmup, opts.iters, opts.min_seconds)
+    settings = RunSettings(opts.batch_size, opts.threads, opts.warmup, opts.iters, opts.min_seconds,
+                           opts.warmup_seconds)
     state_before = device_state(profile, opts.serial)
     pinned = _pin_clocks(profile, opts.serial) if opts.pin_clocks else []
     throttle_before = throttle_count(profile.throttle_files)

@@ -17,11 +17,12 @@ SMALL = (demo.CONFIG.replace("calib_size = 128\n", "calib_size = 64\ntrain_limit
          .replace("calib_batches = 2\n\n[export]", "calib_batches = 1\ntrain_limit = 128\n\n[export]")
          .replace('targets = ["onnxruntime", "openvino", "executorch"]', 'targets = ["onnxruntime"]\neval_limit = 32')
          .replace("iters = 100", "iters = 3").replace("repeats = 3", "repeats = 1")
-         .replace("idle_seconds = 1.0", "idle_seconds = 0.0").replace("html = true", "html = false"))
+         .replace("idle_seconds = 1.0", "idle_seconds = 0.0\nwarmup_seconds = 0.0")
+         .replace("html = true", "html = false"))
 
 
 def test_demo_runs_every_stage_and_a_rerun_continues(tmp_path, monkeypatch):
-    assert SMALL.count("train_limit") == 2 and "iters = 3" in SMALL  # the cuts above all applied
+    assert SMALL.count("train_limit") == 2 and "warmup_seconds = 0.0" in SMALL  # the cuts above all applied
     monkeypatch.setattr(demo, "CONFIG", SMALL)
     out = tmp_path / "demo"
     result = CliRunner().invoke(app, ["demo", "-o", str(out), "--epochs", "1"])

@@ -385,6 +385,19 @@ def test_runner_min_seconds_extends_the_timed_executions(fake, export_dir):
     assert any("7 timed executions instead of 5" in n for n in timing.notes)
 
 
+def test_runner_warmup_seconds_extends_the_warmup_executions(fake, export_dir):
+    lines = "".join(f"I 00:00:00.0001{i:02d} executorch:executor_runner.cpp:33] Iteration {i + 1} of 12: "
+                    f"{3 + i / 8:f} ms\n" for i in range(12))
+    fake.set(rules=runner_rules("runner_per_iteration_warmup2.txt", rule(r"--num_executions=12$", stderr=lines)))
+    runner = AndroidExecuTorchRunner({"adb": {}})
+    settings = RunSettings(batch=1, threads=1, warmup=2, iters=5, warmup_seconds=0.02)
+    runner.prepare(export_dir, IMAGE, settings)
+    timing = runner.run(settings)  # warm-up mean 3.0625 ms: 20 ms of warm-up need 7 executions, then 5 timed
+    assert len(timing.times_ms) == 5 and timing.times_ms[0] == 3 + 7 / 8
+    assert any("7 warm-up executions instead of 2" in n for n in timing.notes)
+    assert "7 warm-up executions, input preparation" in timing.window_covers
+
+
 def test_runner_failure_and_missing_pieces_are_one_line(fake, export_dir):
     fake.set(rules=runner_rules("runner_per_iteration_warmup2.txt", rule(
         r"--num_executions=7$", stderr="E 00:00:00.000100 executorch:method.cpp:700] Missing operator: "

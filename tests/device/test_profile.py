@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import pytest
@@ -62,7 +63,20 @@ def profiles(tmp_path, monkeypatch):
 
 
 def _opts(device: str, **kw) -> ProfileOptions:
-    return ProfileOptions(device=device, **{"warmup": 2, "iters": 20, "repeats": 2, "idle_seconds": 0.1, **kw})
+    return ProfileOptions(device=device, **{"warmup": 2, "warmup_seconds": 0.0, "iters": 20, "repeats": 2,
+                                            "idle_seconds": 0.1, **kw})
+
+
+def test_warmup_runs_its_calls_and_its_seconds(ort_export, profiles, tmp_path):
+    def warmup_note(result: dict) -> tuple[int, float]:
+        (note,) = [n for n in result["repeats"][0]["notes"] if n.startswith("warm-up:")]
+        calls, seconds = re.fullmatch(r"warm-up: (\d+) untimed calls in ([\d.]+) s", note).groups()
+        return int(calls), float(seconds)
+
+    assert warmup_note(run_profile(ort_export, tmp_path / "a", _opts("nometer", warmup=3, repeats=1)))[0] == 3
+    by_time = run_profile(ort_export, tmp_path / "b", _opts("nometer", warmup=1, warmup_seconds=0.2, repeats=1))
+    calls, seconds = warmup_note(by_time)
+    assert calls > 1 and seconds >= 0.2 and by_time["settings"]["warmup_seconds"] == 0.2
 
 
 def test_energy_is_integrated_over_the_timed_window(ort_export, profiles, tmp_path):

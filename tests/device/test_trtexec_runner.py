@@ -193,6 +193,27 @@ def test_run_times_drop_warmup_and_window_holds_timed_part(fake, tmp_path, packe
     assert not Path(path).exists()  # work directory removed
 
 
+def test_warmup_seconds_drops_the_records_inside_it_and_the_next_run_asks_for_enough(fake, tmp_path):
+    recs = records(TRT10)
+    settings = RunSettings(batch=1, warmup=2, iters=20, warmup_seconds=0.0015)
+    inside = sum(1 for r in recs if r["startEnqMs"] < 1.5)
+    assert inside > settings.warmup
+    runner = get_runner("trtexec")
+    runner.prepare(engine_dir(tmp_path), {"images": np.zeros((1, 3, 16, 16), np.float32)}, settings)
+    first = runner.run(settings)  # no time per iteration known yet: 2 + 20 iterations, `inside` of them warm-up
+    assert first.times_ms == pytest.approx([r["latencyMs"] for r in recs[inside:22]], rel=1e-5)
+    assert any(f"{22 - inside} timed iterations, not 20" in n for n in first.notes)
+    period = (recs[21]["startEnqMs"] - recs[0]["startEnqMs"]) / 21
+    second = runner.run(settings)  # now the warm-up count covers 1.5 ms at the period seen
+    want = max(2, -(-1.5 // period)) + 20
+    runs = fake.runs()
+    assert [flag(c, "--iterations") for c in runs] == ["22", str(int(want))]
+    assert [flag(c, "--duration") for c in runs] == ["1", "1"]  # --duration grows by warmup_seconds (whole s in 8.x)
+    assert len(second.times_ms) == min(len(recs), want) - inside >= 20
+    assert not any("timed iterations, not" in n for n in second.notes)
+    runner.close()
+
+
 def test_runs_line_buffered_where_stdbuf_exists(fake, tmp_path, monkeypatch):
     import os
     import shutil

@@ -53,6 +53,7 @@ batch_sizes = [1, 2]
 iters = 3
 repeats = 1
 warmup = 1
+warmup_seconds = 0.0
 idle_seconds = 0.0
 """
 METHODS = ("hybrid", "prune", "quant")

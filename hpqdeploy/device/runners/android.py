@@ -300,22 +300,28 @@ class AndroidExecuTorchRunner(Runner):
         if self.adb is None:
             raise RunnerUnavailable("android-executorch: run() before prepare()")
         notes = list(self.notes)
-        if self.mode is None or (self.mode == "total_only" and settings.warmup > 0):
-            self._separate_warmup(settings.warmup)
+        warm = warmup_calls(settings, self.estimate_ms)
+        if self.mode is None or (self.mode == "total_only" and warm > 0):
+            self._separate_warmup(warm)
+        if self.mode == "per_iteration":
+            warm = warmup_calls(settings, self.estimate_ms)
+        if warm > settings.warmup:
+            notes.append(f"{warm} warm-up executions instead of {settings.warmup}, to cover warmup_seconds = "
+                         f"{settings.warmup_seconds:g} at the {self.estimate_ms:.3f} ms per execution seen so far")
         n, extended = self._timed_count(settings)
         if extended:
             notes.append(extended)
         if self.mode == "per_iteration":
-            out, t0, t1 = self._invoke(settings.warmup + n)
-            if len(out.iterations) != settings.warmup + n:
-                raise RunnerUnavailable(f"android-executorch: expected {settings.warmup + n} 'Iteration' lines from "
+            out, t0, t1 = self._invoke(warm + n)
+            if len(out.iterations) != warm + n:
+                raise RunnerUnavailable(f"android-executorch: expected {warm + n} 'Iteration' lines from "
                                         f"executor_runner, got {len(out.iterations)} (output cut short?)")
-            times = out.iterations[settings.warmup:]
+            times = out.iterations[warm:]
             notes.append(f"per-execution times from executor_runner's 'Iteration i of N: X ms' lines "
-                         f"(Method::execute() alone, the device's steady clock); the first {settings.warmup} "
+                         f"(Method::execute() alone, the device's steady clock); the first {warm} "
                          f"executions of the same process were warm-up and are excluded")
             covers = (f"one adb shell call: the adb round trip, executor_runner's process start and exit, program "
-                      f"load{self._load_text(out)}, {settings.warmup} warm-up executions, input preparation before "
+                      f"load{self._load_text(out)}, {warm} warm-up executions, input preparation before "
                       f"each execution, and the {n} timed executions")
         else:
             out, t0, t1 = self._invoke(1, processes=n)
@@ -326,7 +332,7 @@ class AndroidExecuTorchRunner(Runner):
             notes.append("this executor_runner prints only a total per process ('Model executed successfully N "
                          "time(s) in X ms'), no per-iteration times: each timed call was a process of its own running "
                          "one execution, so every time is real but is the first execution after loading the program "
-                         f"(no in-process warm-up); {settings.warmup} warm-up executions ran in a separate process "
+                         f"(no in-process warm-up); {warm} warm-up executions ran in a separate process "
                          "before them")
             covers = (f"one adb shell call running {n} executor_runner processes back to back: each one's process "
                       "start, program load, one timed execution and exit, plus the adb round trip")

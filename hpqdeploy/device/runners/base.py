@@ -7,6 +7,7 @@ timed inferences ran, which is the window the power recorder integrates over.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,15 @@ class RunSettings:
     warmup: int = 20
     iters: int = 200
     min_seconds: float = 0.0  # keep going until both `iters` calls and `min_seconds` have passed
+    warmup_seconds: float = 0.0  # keep warming up until both `warmup` calls and `warmup_seconds` have passed
+
+
+def warmup_calls(settings: RunSettings, per_call_ms: float | None) -> int:
+    """Warm-up calls for a runner that fixes the count before it starts: `warmup`, or as many calls as last
+    `warmup_seconds` at `per_call_ms` (the time per call seen so far), whichever is more."""
+    if settings.warmup_seconds <= 0 or not per_call_ms:
+        return settings.warmup
+    return max(settings.warmup, math.ceil(settings.warmup_seconds * 1e3 / per_call_ms))
 
 
 class Runner(ABC):
@@ -54,7 +64,8 @@ class Runner(ABC):
 
     @abstractmethod
     def run(self, settings: RunSettings) -> Timing:
-        """Warm up, then time `settings.iters` calls (and at least `min_seconds`)."""
+        """Warm up (`warmup` calls and at least `warmup_seconds`), then time `settings.iters` calls (and at least
+        `min_seconds`)."""
 
     def memory(self) -> dict:
         """Peak memory of the inference process, or a reason it was not measured."""

@@ -48,15 +48,18 @@ class LocalRunner(Runner):
         """Refuse artifacts this runner would not really execute (see the TensorRT runner)."""
 
     def run(self, settings: RunSettings) -> Timing:
-        for _ in range(settings.warmup):
+        warm, w0 = 0, time.monotonic()
+        while warm < settings.warmup or time.monotonic() - w0 < settings.warmup_seconds:
             self.session(self.inputs)
+            warm += 1
+        note = f"warm-up: {warm} untimed calls in {time.monotonic() - w0:.2f} s"
         times = []
         t0 = time.monotonic()
         while len(times) < settings.iters or time.monotonic() - t0 < settings.min_seconds:
             start = time.perf_counter()
             self.session(self.inputs)
             times.append((time.perf_counter() - start) * 1e3)
-        return Timing(times, t0, time.monotonic(), settings.batch)
+        return Timing(times, t0, time.monotonic(), settings.batch, notes=[note])
 
     def memory(self) -> dict:
         peak = _status("VmHWM")

@@ -12,16 +12,17 @@ between the releases JetPack carries, so the command is built for the version tr
 - TensorRT 11: every network is strongly typed; `--stronglyTyped` is no longer needed and the precision and
   implicit-calibration flags (`--fp16`, `--int8`, `--calib`, ...) are gone.
 
-Timing: trtexec runs with `--warmUp=0 --iterations=<warm-up + timed calls>` and `--exportTimes=FILE`, which holds
-one record per iteration: `startEnqMs`/`endEnqMs` (host) and `startH2dMs` ... `endD2hMs` (CUDA events), all in ms
-from the moment trtexec starts inferring, plus `h2dMs`, `computeMs`, `d2hMs` and `latencyMs` (= H2D + compute +
-D2H). Releases differ in the file: the 10.x sources leave trtexec's own warm-up records out and drop `endToEndMs`,
-older ones keep both (with `--warmUp=0` there are no such records). The first `warmup` records are dropped here, so
-warm-up counts calls as on the in-process runners. The timed window is placed on the host clock at the moment
-trtexec's "Starting inference" log line arrives (trtexec takes its time origin right after printing it; it runs
-under `stdbuf -oL` where that exists so the line is not held in a buffer), so the window holds the timed iterations
-only, not process start, engine load or warm-up; if the line never appears, the window falls back to the whole
-process and `Timing.window_covers` says so.
+Timing: trtexec runs with `--warmUp=0 --iterations=<warm-up + timed calls>` and `--exportTimes=FILE`, which holds one
+record per iteration: `startEnqMs`/`endEnqMs` (host) and `startH2dMs` ... `endD2hMs` (CUDA events), all in ms from the
+moment trtexec starts inferring, plus `h2dMs`, `computeMs`, `d2hMs` and `latencyMs` (= H2D + compute + D2H). Releases
+differ in the file: the 10.x sources leave trtexec's own warm-up records out and drop `endToEndMs`, older ones keep both
+(with `--warmUp=0` there are no such records). The first `warmup` records, and every record that started within
+`warmup_seconds` of the inference start, are dropped here (`--duration` grows by `warmup_seconds`), so warm-up means the
+same as on the in-process runners. The timed window is placed on the host clock at the moment trtexec's "Starting
+inference" log line arrives (trtexec takes its time origin right after printing it; it runs under `stdbuf -oL` where
+that exists so the line is not held in a buffer), so the window holds the timed iterations only, not process start,
+engine load or warm-up; if the line never appears, the window falls back to the whole process and `Timing.window_covers`
+says so.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hpqdeploy.device.runners.base import Runner, RunnerUnavailable, RunSettings, Timing, register_runner
+from hpqdeploy.device.runners.base import (Runner, RunnerUnavailable, RunSettings, Timing, register_runner,
+                                           warmup_calls)
 from hpqdeploy.errors import UserError
 from hpqdeploy.lower.tensorrt_rt import BUILD_SCRIPT, ENGINE_FILE, MODEL_FILE
 
@@ -145,6 +147,13 @@ def run_command(exe: str, version: TrtVersion, plan: Path, export_times: Path, i
     if input_files:
         cmd.append("--loadInputs=" + ",".join(f"{name}:{path}" for name, path in input_files.items()))
     return cmd
+
+
+def warmup_records(records: list[dict], settings: RunSettings) -> int:
+    """How many of trtexec's first records are warm-up: `warmup` of them, and every one that started within
+    `warmup_seconds` of trtexec's inference start (its `startEnqMs` clock)."""
+    by_time = sum(1 for r in records if float(r.get("startEnqMs", float("inf"))) < settings.warmup_seconds * 1e3)
+    return max(settings.warmup, by_time)
 
 
 def parse_export_times(path: Path) -> list[dict]:
@@ -276,6 +285,7 @@ class TrtexecRunner(Runner):
         self.workdir: Path | None = None
         self.last: _Exec | None = None
         self.notes: list[str] = []
+        self.period_ms: float | None = None  # time between iteration starts in the last run
 
     def prepare(self, artifact_dir: Path, inputs, settings: RunSettings) -> None:
         exe = find_trtexec(self.settings.binary)
@@ -354,26 +364,34 @@ class TrtexecRunner(Runner):
     def run(self, settings: RunSettings) -> Timing:
         times_file = self.workdir / "times.json"
         times_file.unlink(missing_ok=True)
-        cmd = run_command(self.exe, self.version, self.plan, times_file, settings.warmup + settings.iters,
-                          settings.min_seconds, self.shapes, self.input_files) + list(self.settings.extra_args)
-        self.last = run = _execute(cmd, self.workdir / "run.log", self.settings.timeout_s, self.workdir)
+        cmd = run_command(self.exe, self.version, self.plan, times_file,
+                          warmup_calls(settings, self.period_ms) + settings.iters,
+                          settings.min_seconds + settings.warmup_seconds, self.shapes, self.input_files)
+        self.last = run = _execute(cmd + list(self.settings.extra_args), self.workdir / "run.log",
+                                   self.settings.timeout_s, self.workdir)
         if run.returncode != 0:
             raise RunnerUnavailable(f"trtexec failed (exit {run.returncode}): {run.error_line()}; log: {run.log}")
         records = parse_export_times(times_file)
-        kept = records[settings.warmup:]
+        warm = warmup_records(records, settings)
+        kept = records[warm:]
         if not kept:
-            raise RunnerUnavailable(f"trtexec ran {len(records)} iterations, none after the {settings.warmup} "
-                                    "warm-up ones")
+            raise RunnerUnavailable(f"trtexec ran {len(records)} iterations, none after the {warm} warm-up ones")
+        starts = [float(r["startEnqMs"]) for r in records if "startEnqMs" in r]
+        if len(starts) > 1:
+            self.period_ms = (starts[-1] - starts[0]) / (len(starts) - 1)
         times = [float(r["latencyMs"]) for r in kept]
         notes = list(self.notes)
         compute = [float(r["computeMs"]) for r in kept if "computeMs" in r]
         notes.append("per call: latencyMs = H2D + GPU compute + D2H of one iteration (trtexec --exportTimes)"
                      + (f"; GPU compute median {float(np.median(compute)):.4g} ms" if compute else ""))
-        notes.append(f"warm-up: trtexec --warmUp=0, the first {settings.warmup} of its {len(records)} iterations "
+        if len(kept) < settings.iters:
+            notes.append(f"{len(kept)} timed iterations, not {settings.iters}: warm-up by time "
+                         f"(warmup_seconds = {settings.warmup_seconds:g}) took more iterations than estimated")
+        notes.append(f"warm-up: trtexec --warmUp=0, the first {warm} of its {len(records)} iterations "
                      "dropped here; trtexec double-buffers, so one iteration's copies overlap the next one's compute")
         if settings.threads != 1:
             notes.append(f"threads={settings.threads} does not apply: the engine runs on the GPU")
-        t0, t1, covers = self._window(run, kept, settings.warmup)
+        t0, t1, covers = self._window(run, kept, warm)
         if settings.min_seconds and t1 - t0 < settings.min_seconds:
             notes.append(f"timed part lasted {t1 - t0:.3g} s, under min_seconds={settings.min_seconds:g} "
                          "(trtexec's --duration also counts the warm-up iterations)")
