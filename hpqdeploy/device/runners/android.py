@@ -33,7 +33,8 @@ from pathlib import Path
 import numpy as np
 
 from hpqdeploy.device.adb import Adb, AdbError, DeviceGone, connect
-from hpqdeploy.device.runners.base import Runner, RunnerUnavailable, RunSettings, Timing, register_runner
+from hpqdeploy.device.runners.base import (Runner, RunnerUnavailable, RunSettings, Timing, register_runner,
+                                           warmup_calls)
 
 PROGRAM = "model_b{}.pte"
 TEXT_INPUTS = ("input_ids", "attention_mask")  # the order of the exported programs' arguments
