@@ -60,11 +60,12 @@ def row(model: str, source: str, runtime: str, r: dict) -> dict:
 
 
 def markdown(blob: dict) -> str:
+    each = (f"each after 10 warm-up calls and at least {blob['warmup_seconds']:g} s of warm-up, timing the stated "
+            f"calls and at least {blob['min_seconds']:g} s" if "warmup_seconds" in blob else
+            "each timing the stated calls after 10 warm-up calls")
     lines = [f"Made by `{blob['command']}`: one `hpqdeploy profile --device x86` process per row, run one after the "
-             f"other, 1 thread, {REPEATS} repeats, each of at least the stated calls and "
-             f"{blob.get('min_seconds', 0):g} s after 10 warm-up calls and at least "
-             f"{blob.get('warmup_seconds', 0):g} s of warm-up; p50 spread = (max - "
-             "min) / median of the three repeats' p50. Peak RSS is the whole profiling process (Python, torch and the "
+             f"other, 1 thread, {REPEATS} repeats, {each}; p50 spread = (max - min) / median of the three repeats' "
+             "p50. Peak RSS is the whole profiling process (Python, torch and the "
              "runtime included: the CLI loads the source artifact for example inputs), read from VmHWM after a reset "
              "at load, so compare it between rows, not with a device's free memory.", ""]
     reasons = {r["energy_reason"] for rows in blob["results"].values() for r in rows if r["energy_reason"]}

@@ -11,8 +11,8 @@ Sections, in order (each a script of its own in bench/, writing its results JSON
 
 The CPU-heavy training comes first and the timing sections last. BENCHMARKS.md is written only from results that all
 carry the same machine block (CPU model, ISA flags, cores): a section measured elsewhere is refused, never mixed in.
-The full size is what fits a 2-core machine in about 1.5 hours; `--quick` (about 30 minutes: 30.4 on the machine in
-BENCHMARKS.md) trains on slices and times fewer calls, and writes everything under `--out` (default
+The full size is what fits a 2-core machine in about 1.5 hours; `--quick` (under 30 minutes: 24.4 on the machine in
+BENCHMARKS.md) trains and evaluates on slices and times fewer calls, and writes everything under `--out` (default
 bench/runs/quick), never over the committed results.
 Usage:
 
@@ -168,6 +168,14 @@ def load_results(results: Path, sections: tuple[Section, ...] = SECTIONS) -> tup
     return first["machine"], blobs
 
 
+def _continued(commands: list[str]) -> str:
+    """" (then `A`, then `B` ran the sections they name again)": what ran again after the first command."""
+    if not commands:
+        return ""
+    names = ", then ".join(f"`{c}`" for c in commands)
+    return f" (then {names} ran the sections {'it names' if len(commands) == 1 else 'they name'} again)"
+
+
 def render(results: Path, picture: Path | None, picture_link: str) -> str:
     """BENCHMARKS.md from the results in `results` (and the picture, drawn to `picture` when given)."""
     m, blobs = load_results(results)
@@ -176,12 +184,11 @@ def render(results: Path, picture: Path | None, picture_link: str) -> str:
     lines = ["# Benchmarks", "",
              "Every figure on this page was measured on the one machine below, in one run of "
              f"`{run.get('command', 'python bench/run_all.py')}`"
-             + "".join(f" (then `{c}` ran the sections it names again)"
-                       for c in dict.fromkeys(run.get("continued", [])))
+             + _continued(list(dict.fromkeys(run.get("continued", []))))
              + ", and is rendered from the results JSON in "
              "`bench/results/` (each carries the same machine block and the command that made it). Regenerate "
              f"everything with `python bench/run_all.py` ({total_minutes(run)} minutes in this run; `--quick` for a "
-             "reduced run of about 30 minutes, written under bench/runs/quick). Ablations and earlier "
+             "reduced run of about 25 minutes, written under bench/runs/quick). Ablations and earlier "
              "measurements, each dated with its machine, are in the "
              "[results log](docs/results-log.md).", "",
              f"**{machine_markdown(m)}**", "", "## Goals at a glance", "", "| section | goals met |", "|---|---|"]
@@ -291,7 +298,7 @@ def run_section(s: Section, size: str, runs: Path, results: Path, log_dir: Path)
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="the reduced size (about 30 minutes on 2 cores)")
+    ap.add_argument("--quick", action="store_true", help="the reduced size (about 25 minutes on 2 cores)")
     ap.add_argument("--only", nargs="+", choices=tuple(BY_KEY), help="run these sections (render all found)")
     ap.add_argument("--runs", type=Path, help="run directories (default: bench/runs/full or bench/runs/quick)")
     ap.add_argument("--out", type=Path, help="results, BENCHMARKS.md and the picture (default: the repository's "

@@ -13,7 +13,8 @@ median images per second.
 
 Accuracy: the fastest setting and fp32 each compress the same ResNet-20 baseline (the shared pretrained weights,
 evaluated on the shared JPEG test set) as hybrid for `--epochs` epochs with the same seed (on the first
-`--finetune-limit` training images when given); the goal is the fastest within 0.4 points of fp32. Writes bench/results/train_throughput.json and its section of BENCHMARKS.md. Usage:
+`--finetune-limit` training images when given); the goal is the fastest within 0.4 points of fp32. Writes
+bench/results/train_throughput.json and its section of BENCHMARKS.md. Usage:
 
     .venv/bin/python bench/train_throughput_bench.py --runs /tmp/tp [--images 4096] [--repeats 3] [--epochs 2]
 """
@@ -153,8 +154,8 @@ def markdown(blob: dict) -> str:
     speed = blob["resnet20"][fastest]["speedup"]
     met = speed >= GOAL_SPEEDUP and acc["points_below_fp32"] <= GOAL_POINTS
     on = f" on {blob['finetune_limit']:,} training images" if blob.get("finetune_limit") else ""
-    lines += ["", f"Hybrid, {blob['epochs']} epochs{on}, same baseline and seed: fp32 {100 * acc['today']['accuracy']:.2f}%,"
-              f" {fastest} {100 * acc[fastest]['accuracy']:.2f}% ({acc['points_below_fp32']:.2f} points below fp32; "
+    lines += ["", f"Hybrid, {blob['epochs']} epochs{on}, same baseline and seed: fp32 "
+              f"{100 * acc['today']['accuracy']:.2f}%, {fastest} {100 * acc[fastest]['accuracy']:.2f}% ({acc['points_below_fp32']:.2f} points below fp32; "
               f"fine-tuning {acc['today']['finetune_seconds']:.0f} s and {acc[fastest]['finetune_seconds']:.0f} s).",
               "", f"Goal: the fastest setting at least {GOAL_SPEEDUP:.0f}x today's loop, within {GOAL_POINTS} points "
               f"of fp32: {'met' if met else 'not met'} ({fastest}: {speed:.2f}x)."]
