@@ -373,29 +373,22 @@ def test_runner_without_logging_says_how_to_rebuild(fake, export_dir):
         runner.run(SETTINGS)
 
 
-def test_runner_min_seconds_extends_the_timed_executions(fake, export_dir):
-    lines = "".join(f"I 00:00:00.0001{i:02d} executorch:executor_runner.cpp:33] Iteration {i + 1} of 9: "
-                    f"{3 + i / 8:f} ms\n" for i in range(9))
-    fake.set(rules=runner_rules("runner_per_iteration_warmup2.txt", rule(r"--num_executions=9$", stderr=lines)))
+@pytest.mark.parametrize("seconds, executions, warm, timed, note", [
+    ({"min_seconds": 0.02}, 9, 2, 7, "7 timed executions instead of 5"),
+    ({"warmup_seconds": 0.02}, 12, 7, 5, "7 warm-up executions instead of 2")], ids=["min_seconds", "warmup_seconds"])
+def test_runner_seconds_extend_the_executions(fake, export_dir, seconds, executions, warm, timed, note):
+    """The warm-up invocation's mean (3.0625 ms) sets how many executions 20 ms take: 7."""
+    lines = "".join(f"I 00:00:00.0001{i:02d} executorch:executor_runner.cpp:33] Iteration {i + 1} of {executions}: "
+                    f"{3 + i / 8:f} ms\n" for i in range(executions))
+    fake.set(rules=runner_rules("runner_per_iteration_warmup2.txt",
+                                rule(rf"--num_executions={executions}$", stderr=lines)))
     runner = AndroidExecuTorchRunner({"adb": {}})
-    settings = RunSettings(batch=1, threads=1, warmup=2, iters=5, min_seconds=0.02)
+    settings = RunSettings(batch=1, threads=1, warmup=2, iters=5, **seconds)
     runner.prepare(export_dir, IMAGE, settings)
-    timing = runner.run(settings)  # warm-up mean 3.0625 ms: 20 ms need 7 executions
-    assert len(timing.times_ms) == 7 and timing.times_ms[0] == 3.25
-    assert any("7 timed executions instead of 5" in n for n in timing.notes)
-
-
-def test_runner_warmup_seconds_extends_the_warmup_executions(fake, export_dir):
-    lines = "".join(f"I 00:00:00.0001{i:02d} executorch:executor_runner.cpp:33] Iteration {i + 1} of 12: "
-                    f"{3 + i / 8:f} ms\n" for i in range(12))
-    fake.set(rules=runner_rules("runner_per_iteration_warmup2.txt", rule(r"--num_executions=12$", stderr=lines)))
-    runner = AndroidExecuTorchRunner({"adb": {}})
-    settings = RunSettings(batch=1, threads=1, warmup=2, iters=5, warmup_seconds=0.02)
-    runner.prepare(export_dir, IMAGE, settings)
-    timing = runner.run(settings)  # warm-up mean 3.0625 ms: 20 ms of warm-up need 7 executions, then 5 timed
-    assert len(timing.times_ms) == 5 and timing.times_ms[0] == 3 + 7 / 8
-    assert any("7 warm-up executions instead of 2" in n for n in timing.notes)
-    assert "7 warm-up executions, input preparation" in timing.window_covers
+    timing = runner.run(settings)
+    assert len(timing.times_ms) == timed and timing.times_ms[0] == 3 + warm / 8
+    assert any(note in n for n in timing.notes)
+    assert f"{warm} warm-up executions, input preparation" in timing.window_covers
 
 
 def test_runner_failure_and_missing_pieces_are_one_line(fake, export_dir):
