@@ -22,7 +22,6 @@ call around the timed executions and `Timing.window_covers` says what else it ho
 
 from __future__ import annotations
 
-import math
 import re
 import tempfile
 import time
@@ -33,8 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from hpqdeploy.device.adb import Adb, AdbError, DeviceGone, connect
-from hpqdeploy.device.runners.base import (Runner, RunnerUnavailable, RunSettings, Timing, register_runner,
-                                           warmup_calls)
+from hpqdeploy.device.runners.base import (Runner, RunnerUnavailable, RunSettings, Timing, calls_covering,
+                                           register_runner)
 
 PROGRAM = "model_b{}.pte"
 TEXT_INPUTS = ("input_ids", "attention_mask")  # the order of the exported programs' arguments
@@ -289,23 +288,21 @@ class AndroidExecuTorchRunner(Runner):
             self.peak_rss_kib = max(self.peak_rss_kib or 0, *out.max_rss_kib)
 
     def _timed_count(self, settings: RunSettings) -> tuple[int, str | None]:
-        n = settings.iters
-        if settings.min_seconds > 0 and self.estimate_ms:
-            needed = math.ceil(settings.min_seconds * 1e3 / self.estimate_ms)
-            if needed > n:
-                return needed, (f"{needed} timed executions instead of {settings.iters}, to cover min_seconds = "
-                                f"{settings.min_seconds:g} at the {self.estimate_ms:.3f} ms per execution seen so far")
+        n = calls_covering(settings.iters, settings.min_seconds, self.estimate_ms)
+        if n > settings.iters:
+            return n, (f"{n} timed executions instead of {settings.iters}, to cover min_seconds = "
+                       f"{settings.min_seconds:g} at the {self.estimate_ms:.3f} ms per execution seen so far")
         return n, None
 
     def run(self, settings: RunSettings) -> Timing:
         if self.adb is None:
             raise RunnerUnavailable("android-executorch: run() before prepare()")
         notes = list(self.notes)
-        warm = warmup_calls(settings, self.estimate_ms)
+        warm = calls_covering(settings.warmup, settings.warmup_seconds, self.estimate_ms)
         if self.mode is None or (self.mode == "total_only" and warm > 0):
             self._separate_warmup(warm)
         if self.mode == "per_iteration":
-            warm = warmup_calls(settings, self.estimate_ms)
+            warm = calls_covering(settings.warmup, settings.warmup_seconds, self.estimate_ms)
         if warm > settings.warmup:
             notes.append(f"{warm} warm-up executions instead of {settings.warmup}, to cover warmup_seconds = "
                          f"{settings.warmup_seconds:g} at the {self.estimate_ms:.3f} ms per execution seen so far")

@@ -43,12 +43,12 @@ class RunSettings:
     warmup_seconds: float = 0.0  # keep warming up until both `warmup` calls and `warmup_seconds` have passed
 
 
-def warmup_calls(settings: RunSettings, per_call_ms: float | None) -> int:
-    """Warm-up calls for a runner that fixes the count before it starts: `warmup`, or as many calls as last
-    `warmup_seconds` at `per_call_ms` (the time per call seen so far), whichever is more."""
-    if settings.warmup_seconds <= 0 or not per_call_ms:
-        return settings.warmup
-    return max(settings.warmup, math.ceil(settings.warmup_seconds * 1e3 / per_call_ms))
+def calls_covering(calls: int, seconds: float, per_call_ms: float | None) -> int:
+    """For a runner that fixes its call count before it starts (`warmup`/`warmup_seconds`, `iters`/`min_seconds`):
+    `calls`, or as many calls as last `seconds` at `per_call_ms` (the time per call seen so far), whichever is more."""
+    if seconds <= 0 or not per_call_ms:
+        return calls
+    return max(calls, math.ceil(seconds * 1e3 / per_call_ms))
 
 
 class Runner(ABC):

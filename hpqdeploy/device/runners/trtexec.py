@@ -42,8 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
-from hpqdeploy.device.runners.base import (Runner, RunnerUnavailable, RunSettings, Timing, register_runner,
-                                           warmup_calls)
+from hpqdeploy.device.runners.base import (Runner, RunnerUnavailable, RunSettings, Timing, calls_covering,
+                                           register_runner)
 from hpqdeploy.errors import UserError
 from hpqdeploy.lower.tensorrt_rt import BUILD_SCRIPT, ENGINE_FILE, MODEL_FILE
 
@@ -365,7 +365,7 @@ class TrtexecRunner(Runner):
         times_file = self.workdir / "times.json"
         times_file.unlink(missing_ok=True)
         cmd = run_command(self.exe, self.version, self.plan, times_file,
-                          warmup_calls(settings, self.period_ms) + settings.iters,
+                          calls_covering(settings.warmup, settings.warmup_seconds, self.period_ms) + settings.iters,
                           settings.min_seconds + settings.warmup_seconds, self.shapes, self.input_files)
         self.last = run = _execute(cmd + list(self.settings.extra_args), self.workdir / "run.log",
                                    self.settings.timeout_s, self.workdir)
