@@ -102,13 +102,15 @@ def test_ranks_hold_identical_parameters_after_fine_tuning(tmp_path):
 
 def test_a_run_killed_mid_epoch_resumes_under_ddp(runs, tmp_path):
     root, *_ = runs
-    args = ["compress", str(root / "base"), "-o", "resumed", "--epochs", "2", *COMPRESS]
+    # 1024 images: 16 steps per rank and epoch, so the second epoch is still running when the first one's checkpoint
+    # is seen (with the fixture's 256 it could finish within one poll, and the kill then found epoch 2)
+    args = ["compress", str(root / "base"), "-o", "resumed", "--epochs", "2", *COMPRESS, "--train-limit", "1024"]
     proc = subprocess.Popen([*_torchrun(tmp_path, *args), "--quiet"], cwd=tmp_path, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     checkpoint = tmp_path / "resumed.partial" / "compress.ckpt"
     deadline = time.time() + 300
     while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
+        time.sleep(0.02)
     assert checkpoint.exists(), "no epoch finished before the deadline"
     os.killpg(proc.pid, signal.SIGTERM)  # torchrun and both ranks
     proc.wait(timeout=120)
